@@ -151,7 +151,7 @@ def hint_losses(
             f"Got {len(teacher_features)} teacher features for {len(regressed)} hint regressors; they must match."
         )
     losses = []
-    for m, (mine, theirs) in enumerate(zip(regressed, teacher_features)):
+    for m, (mine, theirs) in enumerate(zip(regressed, teacher_features, strict=True)):
         if mine.shape != theirs.shape:
             raise ValueError(
                 f"Hint regressor {m} maps the student feature to {list(mine.shape)}, "

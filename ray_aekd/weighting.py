@@ -26,11 +26,13 @@ distributed all-reduce itself, which the caller passes in as ``reduce``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+from torch.nn import functional as F
 
 from ray_aekd._checks import check_logits, check_num_teachers, check_temperature, check_tolerance
 
@@ -54,6 +56,7 @@ STRATEGIES = ("average", "aekd", "mgda")
 _IPM_ITERATIONS = 14
 # Up to this M the QP is solved exactly by enumerating active sets (3^M small systems).
 _ENUMERATE_MAX_TEACHERS = 6
+_POLISH_PASSES = 2
 _FRACTION_TO_BOUNDARY = 0.995
 
 
@@ -262,17 +265,28 @@ def check_finite_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
 # --------------------------------------------------------------------------- solver
 
 
+class _Iterate(NamedTuple):
+    """Interior-point state and the factorised Newton system at one iteration."""
+
+    primal: torch.Tensor  # [..., 2, M]: alpha and cap - alpha
+    dual: torch.Tensor  # [..., 2, M]: their multipliers
+    r_dual: torch.Tensor  # [..., M]: stationarity residual
+    r_prim: torch.Tensor  # [..., 1]: sum(alpha) - 1
+    h_inv: torch.Tensor  # [..., M, M]: (G + diag(sum D / P))^-1
+    h_inv_ones: torch.Tensor  # [..., M]: H^-1 1
+    h_inv_ones_sum: torch.Tensor  # [..., 1]: 1^T H^-1 1
+
+
 def _interior_point(gram: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mehrotra predictor-corrector on the normalised QP; ``gram`` is ``[..., M, M]``.
 
-    Primal slacks ``P = [alpha, cap - alpha]`` (``[..., 2, M]``) and their multipliers
-    ``D`` are kept stacked so that a Newton step is a handful of batched ops; the cost is
-    dominated by per-op dispatch, not arithmetic, at these sizes. The complementarity target
-    never drops below ``floor``, so iterations past convergence stay well defined.
+    Primal slacks ``P = [alpha, cap - alpha]`` and their multipliers ``D`` are kept stacked
+    as ``[..., 2, M]`` so that a Newton step is a handful of batched ops (at these sizes the
+    cost is per-op dispatch, not arithmetic). The complementarity target never drops below
+    ``floor``, so iterations past convergence stay well defined. Returns ``(P, D)``.
     """
     num = gram.shape[-1]
     dtype, device = gram.dtype, gram.device
-    tiny = torch.finfo(dtype).tiny
     floor = 1e-14 if dtype == torch.float64 else 1e-7
     sign = torch.tensor([[1.0], [-1.0]], dtype=dtype, device=device)  # dP = sign * d_alpha
     alpha = torch.full(gram.shape[:-1], 1.0 / num, dtype=dtype, device=device)
@@ -284,31 +298,24 @@ def _interior_point(gram: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch
         alpha = primal[..., 0, :]
         complementarity = primal * dual
         mu = complementarity.sum((-1, -2), keepdim=True) / (2 * num)
-        r_dual = (gram @ alpha.unsqueeze(-1)).squeeze(-1) - nu - (dual * sign).sum(-2)
-        r_prim = alpha.sum(-1, keepdim=True) - 1.0
-        dual_over_primal = dual / primal
-        h_inv, _ = torch.linalg.inv_ex(gram + torch.diag_embed(dual_over_primal.sum(-2)))
-        h_inv_ones = h_inv.sum(-1)  # H^-1 1 (H is symmetric)
-        h_inv_ones_sum = h_inv_ones.sum(-1, keepdim=True)
-
-        def newton(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            # Solve  H d_alpha - d_nu 1 = rhs,  1^T d_alpha = -r_prim,  then recover dD from
-            # P dD + D sign d_alpha = target.
-            rhs = (target * sign / primal).sum(-2) - r_dual
-            x_rhs = (h_inv @ rhs.unsqueeze(-1)).squeeze(-1)
-            d_nu = -(r_prim + x_rhs.sum(-1, keepdim=True)) / h_inv_ones_sum
-            d_alpha = x_rhs + d_nu * h_inv_ones
-            d_primal = sign * d_alpha.unsqueeze(-2)
-            d_dual = target / primal - dual_over_primal * d_primal
-            step = torch.cat([primal / (-d_primal).clamp(min=tiny), dual / (-d_dual).clamp(min=tiny)], dim=-2)
-            return d_primal, d_dual, d_nu, step.flatten(-2).amin(-1).clamp(max=1.0)[..., None, None]
-
+        h_inv, _ = torch.linalg.inv_ex(gram + torch.diag_embed((dual / primal).sum(-2)))
+        h_inv_ones = h_inv.sum(-1)  # H is symmetric
+        state = _Iterate(
+            primal=primal,
+            dual=dual,
+            r_dual=(gram @ alpha.unsqueeze(-1)).squeeze(-1) - nu - (dual * sign).sum(-2),
+            r_prim=alpha.sum(-1, keepdim=True) - 1.0,
+            h_inv=h_inv,
+            h_inv_ones=h_inv_ones,
+            h_inv_ones_sum=h_inv_ones.sum(-1, keepdim=True),
+        )
         # predictor: pure Newton towards zero complementarity, to choose the centring
-        p_aff, d_aff, _, t_aff = newton(-complementarity)
+        p_aff, d_aff, _, t_aff = _newton_direction(state, -complementarity, sign)
         mu_aff = ((primal + t_aff * p_aff) * (dual + t_aff * d_aff)).sum((-1, -2), keepdim=True) / (2 * num)
-        sigma_mu = (mu_aff / mu.clamp(min=tiny)) ** 3 * mu
+        sigma_mu = (mu_aff / mu.clamp(min=torch.finfo(dtype).tiny)) ** 3 * mu
         # corrector, with the second-order term of the predictor
-        d_primal, d_dual, d_nu, t = newton(sigma_mu.clamp(min=floor) - complementarity - p_aff * d_aff)
+        target = sigma_mu.clamp(min=floor) - complementarity - p_aff * d_aff
+        d_primal, d_dual, d_nu, t = _newton_direction(state, target, sign)
         t = _FRACTION_TO_BOUNDARY * t
         primal = primal + t * d_primal
         dual = dual + t * d_dual
@@ -316,8 +323,28 @@ def _interior_point(gram: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch
     return primal, dual
 
 
+def _newton_direction(
+    state: _Iterate, target: torch.Tensor, sign: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve ``H d_alpha - d_nu 1 = rhs``, ``1^T d_alpha = -r_prim``, then ``dD`` from
+    ``P dD + D dP = target`` with ``dP = sign * d_alpha``.
+
+    Returns ``dP [..., 2, M]``, ``dD [..., 2, M]``, ``d_nu [..., 1]`` and the largest step in
+    ``(0, 1]`` that keeps ``P`` and ``D`` non-negative, ``[..., 1, 1]``.
+    """
+    primal, dual = state.primal, state.dual
+    tiny = torch.finfo(primal.dtype).tiny
+    rhs = (target * sign / primal).sum(-2) - state.r_dual
+    x_rhs = (state.h_inv @ rhs.unsqueeze(-1)).squeeze(-1)
+    d_nu = -(state.r_prim + x_rhs.sum(-1, keepdim=True)) / state.h_inv_ones_sum
+    d_primal = sign * (x_rhs + d_nu * state.h_inv_ones).unsqueeze(-2)
+    d_dual = (target - dual * d_primal) / primal
+    ratios = torch.cat([primal / (-d_primal).clamp(min=tiny), dual / (-d_dual).clamp(min=tiny)], dim=-2)
+    return d_primal, d_dual, d_nu, ratios.flatten(-2).amin(-1).clamp(max=1.0)[..., None, None]
+
+
 def _enumerate_active_sets(gram: torch.Tensor, cap: float) -> torch.Tensor:
-    """Exact solve for small M: every coordinate is free, at 0 or at C; solve the KKT system
+    """Exact solve for small M: every coordinate is free, at 0 or at C. Solve the KKT system
     of all ``3^M`` patterns in one batched solve and keep the feasible one of least
     objective. ``gram`` is ``[..., M, M]`` (normalised); returns ``[..., M]``.
 
@@ -325,85 +352,79 @@ def _enumerate_active_sets(gram: torch.Tensor, cap: float) -> torch.Tensor:
     singular; it moves the objective by at most 1e-12.
     """
     num = gram.shape[-1]
-    use_gram, template, rhs_cap, rhs_sum = _active_set_patterns(num, gram.dtype, gram.device)
+    free, at_cap = _active_set_patterns(num, gram.device)  # [P, M] each
     ridge = 1e-12 * torch.eye(num, dtype=gram.dtype, device=gram.device)
-    padded = torch.nn.functional.pad(gram + ridge, (0, 1, 0, 1)).unsqueeze(-3)  # [..., 1, M+1, M+1]
-    kkt = torch.where(use_gram, padded, template)  # [..., P, M+1, M+1]
-    solution, info = torch.linalg.solve_ex(kkt, (rhs_cap * cap + rhs_sum).unsqueeze(-1))
-    alpha = solution[..., :num, 0]  # [..., P, M]
-    slack = 1e-10
-    feasible = (info == 0) & (alpha >= -slack).all(-1) & (alpha <= cap + slack).all(-1)
-    objective = ((alpha @ gram) * alpha).sum(-1)  # [..., P]
-    best = torch.where(feasible, objective, torch.inf).argmin(-1)  # [...]
+    alpha, regular = _solve_kkt((gram + ridge).unsqueeze(-3), free, at_cap, cap)  # [..., P, M], [..., P]
+    alpha = torch.where(regular[..., None], alpha, 0.0)
+    objective = torch.where(regular & _within_bounds(alpha, cap), _quadratic(gram.unsqueeze(-3), alpha), torch.inf)
+    best = objective.argmin(-1)  # [...]
     chosen = torch.gather(alpha, -2, best[..., None, None].expand(*best.shape, 1, num)).squeeze(-2)
     return chosen.clamp(0.0, cap)
-
-
-_PATTERNS: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
-
-
-def _active_set_patterns(num: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """KKT templates for all ``P = 3^M`` active-set patterns (cached per M, dtype, device).
-
-    For pattern p, row i of the ``[M+1, M+1]`` system is ``G_i. a - nu = 0`` when i is
-    free and ``a_i = bound`` otherwise; the last row is ``sum(a) = 1``.
-
-    Returns:
-        ``use_gram [P, M+1, M+1]`` (bool: take the entry from the Gram), ``template
-        [P, M+1, M+1]`` (the other entries), ``rhs_cap [P, M+1]`` (multiplied by C) and
-        ``rhs_sum [P, M+1]``.
-    """
-    key = (num, dtype, device)
-    if key not in _PATTERNS:
-        codes = torch.tensor(list(itertools.product((0, 1, 2), repeat=num)))  # 0 free, 1 at 0, 2 at C
-        free, at_cap = codes == 0, codes == 2
-        count, size = codes.shape[0], num + 1
-        use_gram = torch.zeros(count, size, size, dtype=torch.bool)
-        use_gram[:, :num, :num] = free[:, :, None]
-        template = torch.zeros(count, size, size, dtype=dtype)
-        template[:, :num, :num] = torch.diag_embed((~free).to(dtype))
-        template[:, :num, num] = -free.to(dtype)
-        template[:, num, :num] = 1.0
-        rhs_cap = torch.cat([at_cap.to(dtype), torch.zeros(count, 1, dtype=dtype)], dim=1)
-        rhs_sum = torch.zeros(count, size, dtype=dtype)
-        rhs_sum[:, num] = 1.0
-        _PATTERNS[key] = tuple(t.to(device) for t in (use_gram, template, rhs_cap, rhs_sum))
-    return _PATTERNS[key]
 
 
 def _polish(gram: torch.Tensor, primal: torch.Tensor, dual: torch.Tensor, cap: float) -> torch.Tensor:
     """Solve the KKT system exactly on the active set that the interior point suggests.
 
     A bound is taken as active where its slack is smaller than its multiplier (at the
-    optimum one of the two is zero), which needs no threshold on alpha's scale. The polished
-    point is kept only where it is feasible and no worse than the interior point.
+    optimum one of the two is zero), which needs no threshold on alpha's scale. A second
+    pass puts free coordinates that left ``[0, cap]`` in the first onto their bound (a
+    nearly degenerate coordinate can be misread). A polished point replaces the interior
+    point only where it is feasible and no worse.
     """
-    alpha = primal[..., 0, :]
-    num = gram.shape[-1]
     at_zero, at_cap = (primal < dual).unbind(-2)
-    free = ~(at_zero | at_cap)
-    fixed = torch.where(at_cap, torch.full_like(alpha, cap), torch.zeros_like(alpha))
-    # Rows of free variables: G_i. a - nu = 0; rows of bound variables: a_i = bound; last row: sum = 1.
-    eye = torch.eye(num, dtype=gram.dtype, device=gram.device).expand_as(gram)
-    rows = torch.where(free[..., None], gram, eye)
-    nu_col = torch.where(free, -torch.ones_like(alpha), torch.zeros_like(alpha))[..., None]
-    top = torch.cat([rows, nu_col], dim=-1)
-    bottom = torch.cat([torch.ones_like(alpha), torch.zeros_like(alpha[..., :1])], dim=-1)[..., None, :]
-    kkt = torch.cat([top, bottom], dim=-2)
-    rhs = torch.cat([torch.where(free, torch.zeros_like(alpha), fixed), torch.ones_like(alpha[..., :1])], dim=-1)
-    sol, info = torch.linalg.solve_ex(kkt, rhs)
-    polished = sol[..., :num]
-    slack = 1e-12
-    ok = (
-        (info == 0)
-        & torch.isfinite(polished).all(-1)
-        & (polished >= -slack).all(-1)
-        & (polished <= cap + slack).all(-1)
-        & (_quadratic(gram, polished) <= _quadratic(gram, alpha) + slack)
+    best = primal[..., 0, :]
+    for _ in range(_POLISH_PASSES):
+        alpha, regular = _solve_kkt(gram, ~(at_zero | at_cap), at_cap, cap)
+        feasible = regular & _within_bounds(alpha, cap)
+        clamped = alpha.clamp(0.0, cap)
+        better = feasible & (_quadratic(gram, clamped) <= _quadratic(gram, best) + 1e-12)
+        best = torch.where(better[..., None], clamped, best)
+        at_zero = at_zero | (regular[..., None] & (alpha < 0))
+        at_cap = at_cap | (regular[..., None] & (alpha > cap))
+    return best
+
+
+def _solve_kkt(
+    gram: torch.Tensor, free: torch.Tensor, at_cap: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise over one active set: ``alpha_i = 0`` / ``= cap`` where fixed, the rest free.
+
+    Row i of the ``[M+1, M+1]`` system is ``G_i. alpha - nu = 0`` for a free i and
+    ``alpha_i = bound`` otherwise; the last row is ``sum(alpha) = 1``.
+
+    Args:
+        gram: ``[..., M, M]``; free, at_cap: ``[..., M]`` bool masks (broadcast together).
+
+    Returns:
+        ``alpha [..., M]`` (not clamped) and ``regular [...]``: the system was non-singular
+        and its solution finite.
+    """
+    num = gram.shape[-1]
+    dtype = gram.dtype
+    eye = torch.eye(num, dtype=dtype, device=gram.device)
+    border = torch.zeros(num + 1, num + 1, dtype=dtype, device=gram.device)
+    border[num, :num] = 1.0  # the sum row
+    kkt = (
+        F.pad(torch.where(free.unsqueeze(-1), gram, eye), (0, 1, 0, 1))
+        + F.pad(-free.to(dtype).unsqueeze(-1), (num, 0, 0, 1))  # the -nu column
+        + border
     )
-    polished = polished.clamp(0.0, cap)
-    polished = polished / polished.sum(-1, keepdim=True)
-    return torch.where(ok[..., None], polished, alpha)
+    rhs = F.pad(at_cap.to(dtype) * cap, (0, 1), value=1.0)
+    solution, info = torch.linalg.solve_ex(kkt, rhs.unsqueeze(-1))
+    alpha = solution[..., :num, 0]
+    return alpha, (info == 0) & torch.isfinite(alpha).all(-1)
+
+
+def _within_bounds(alpha: torch.Tensor, cap: float, slack: float = 1e-10) -> torch.Tensor:
+    """``[..., M] -> [...]``: every weight in ``[-slack, cap + slack]``."""
+    return (alpha >= -slack).all(-1) & (alpha <= cap + slack).all(-1)
+
+
+@functools.cache
+def _active_set_patterns(num: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``P = 3^M`` active-set patterns as masks ``free [P, M]`` and ``at_cap [P, M]``."""
+    codes = torch.tensor(list(itertools.product((0, 1, 2), repeat=num)), device=device)  # 0 free, 1 at 0, 2 at C
+    return codes == 0, codes == 2
 
 
 def _quadratic(gram: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

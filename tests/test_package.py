@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ import pytest
 from ray_aekd.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+# the console script installed next to this interpreter (the venv need not be activated)
+RAY_AEKD = shutil.which("ray-aekd", path=str(Path(sys.executable).parent)) or "ray-aekd"
 
 
 def test_core_maths_imports_neither_ray_nor_mlflow():
@@ -32,7 +36,7 @@ def test_layout_and_typing_marker():
 def test_console_script_runs_the_demo(tmp_path):
     out_json = tmp_path / "demo.json"
     cmd = [
-        "ray-aekd", "demo", "--epochs", "2", "--teachers", "3", "--strategies", "average", "aekd",
+        RAY_AEKD, "demo", "--epochs", "2", "--teachers", "3", "--strategies", "average", "aekd",
         "--json", str(out_json),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -55,10 +59,10 @@ def test_console_script_runs_the_demo(tmp_path):
     ],
 )
 def test_demo_bad_input_is_one_clear_line(args, message):
-    proc = subprocess.run(["ray-aekd", "demo", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([RAY_AEKD, "demo", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert __import__("re").search(message, proc.stderr), proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
 
 
 def test_demo_teachers_disagree_and_the_student_learns():

@@ -7,8 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qp_reference import exact_min_norm, kkt_violation, objective
+
+from ray_aekd.losses import kd_losses
 from ray_aekd.weighting import (
     STRATEGIES,
     aekd_weights,
@@ -17,7 +18,6 @@ from ray_aekd.weighting import (
     strategy_tolerance,
     teacher_gram,
 )
-from ray_aekd.losses import kd_losses
 
 
 def random_problem(seed: int, num: int, dim: int, shared: float, cap_kind: str) -> tuple[np.ndarray, float]:
