@@ -15,6 +15,7 @@ Setting: CPU, batch 64, 32x32x3 inputs, CIFAR ResNet-20 student (0.28 M paramete
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -105,7 +106,7 @@ def timed_rounds(variants: dict[str, Callable[[], None]], repeats: int, warmup: 
 
 def paired_ratio(times: dict[str, list[float]], slow: str, fast: str) -> float:
     """Median over rounds of slow/fast within the same round: robust to drift across rounds."""
-    return statistics.median(a / b for a, b in zip(times[slow], times[fast]))
+    return statistics.median(a / b for a, b in zip(times[slow], times[fast], strict=True))
 
 
 def solver_comparison(repeats: int) -> dict[str, dict[str, float]]:
@@ -116,8 +117,8 @@ def solver_comparison(repeats: int) -> dict[str, dict[str, float]]:
         teachers = torch.randn(num, BATCH, CLASSES, generator=gen, dtype=torch.float64) * 3
         gram = teacher_gram(kd_logit_gradients(student, teachers, TEMPERATURE))
         gram_np = gram.numpy()
-        ours = lambda: min_norm_weights(gram, TOLERANCE)  # noqa: E731
-        svm = lambda: one_class_svm_weights(gram_np, TOLERANCE)  # noqa: E731
+        ours = functools.partial(min_norm_weights, gram, TOLERANCE)
+        svm = functools.partial(one_class_svm_weights, gram_np, TOLERANCE)
         times = timed_rounds({"ours": ours, "svm": svm}, repeats, warmup=5)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         # accuracy on this realistic (tiny-scale) Gram, against the authors' own route run on

@@ -186,9 +186,7 @@ def hint_weights(
     """
     if not student_feature.requires_grad:
         raise ValueError("student_feature must be part of the autograd graph (requires_grad) to weight hints.")
-    grads = [
-        torch.autograd.grad(hints[m], student_feature, retain_graph=True)[0] for m in range(hints.shape[0])
-    ]
+    grads = [torch.autograd.grad(hints[m], student_feature, retain_graph=True)[0] for m in range(hints.shape[0])]
     gram = teacher_gram(torch.stack(grads), space=space, normalize=normalize, reduce=reduce)
     return min_norm_weights(gram, tolerance)
 

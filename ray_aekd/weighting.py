@@ -130,9 +130,7 @@ def min_norm_weights(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
         return torch.where(nonzero[..., None], alpha.to(gram.dtype), uniform)
 
 
-def kd_logit_gradients(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Closed-form gradient of each teacher's KD loss on the student logits.
 
     ``KD_m = T^2 / B * sum_b KL(softmax(t_mb / T) || softmax(z_b / T))`` has

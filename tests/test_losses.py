@@ -102,8 +102,14 @@ def test_hint_weights_walk_only_the_regressors_and_keep_the_graph():
     torch.testing.assert_close(weights, min_norm_weights(teacher_gram(grads, "per_sample"), 0.6))
 
     out = distillation_loss(
-        logits, torch.randn(3, 10, 5), torch.randint(0, 5, (10,)), torch.full((3,), 1 / 3), 4.0,
-        hints=hints, hint_teacher_weights=weights, hint_weight=2.0,
+        logits,
+        torch.randn(3, 10, 5),
+        torch.randint(0, 5, (10,)),
+        torch.full((3,), 1 / 3),
+        4.0,
+        hints=hints,
+        hint_teacher_weights=weights,
+        hint_weight=2.0,
     )
     assert {"hint", "hint/0", "hint_weight/2"} <= set(out)
     out["loss"].backward()  # the graph is still whole: one backward through student and regressors

@@ -28,7 +28,8 @@ def test_core_maths_imports_neither_ray_nor_mlflow():
 
 
 def test_layout_and_typing_marker():
-    for path in ("ray_aekd", "tune_configs", "cluster", "tests", "benchmarks", "pyproject.toml", "README.md", ".ci/run"):
+    expected = ("ray_aekd", "tune_configs", "cluster", "tests", "benchmarks", "pyproject.toml", "README.md", ".ci/run")
+    for path in expected:
         assert (ROOT / path).exists(), path
     assert (ROOT / "ray_aekd" / "py.typed").exists()
 
@@ -36,8 +37,17 @@ def test_layout_and_typing_marker():
 def test_console_script_runs_the_demo(tmp_path):
     out_json = tmp_path / "demo.json"
     cmd = [
-        RAY_AEKD, "demo", "--epochs", "2", "--teachers", "3", "--strategies", "average", "aekd",
-        "--json", str(out_json),
+        RAY_AEKD,
+        "demo",
+        "--epochs",
+        "2",
+        "--teachers",
+        "3",
+        "--strategies",
+        "average",
+        "aekd",
+        "--json",
+        str(out_json),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

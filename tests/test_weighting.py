@@ -135,11 +135,12 @@ def test_both_solver_paths_match_reference_around_the_switch(num):
     """M <= 6 enumerates active sets, larger M runs the interior point: both are exact."""
     for seed in range(10):
         gram, cap = random_problem(seed, num, num + 3, 0.5, "random")
-        np.testing.assert_allclose(min_norm_weights(torch.tensor(gram), cap).numpy(), exact_min_norm(gram, cap), atol=1e-8)
+        ours = min_norm_weights(torch.tensor(gram), cap).numpy()
+        np.testing.assert_allclose(ours, exact_min_norm(gram, cap), atol=1e-8)
 
 
 def test_batched_grams_solve_each_problem():
-    grams, caps = zip(*(random_problem(seed, 6, 9, 1.0, "random") for seed in range(6)))
+    grams = [random_problem(seed, 6, 9, 1.0, "random")[0] for seed in range(6)]
     batch = torch.tensor(np.stack(grams)).reshape(2, 3, 6, 6)
     weights = min_norm_weights(batch, 0.5)
     assert weights.shape == (2, 3, 6)
@@ -162,7 +163,11 @@ def test_solver_never_reads_values_back_to_the_host():
         assert out.shape == (3, num) and out.device.type == "meta"
     for space in ("batch_mean", "per_sample"):
         out = aekd_weights(
-            torch.empty(8, 10, device="meta"), torch.empty(4, 8, 10, device="meta"), 4.0, 0.5, space=space,
+            torch.empty(8, 10, device="meta"),
+            torch.empty(4, 8, 10, device="meta"),
+            4.0,
+            0.5,
+            space=space,
             check_finite=False,
         )
         assert out.shape == (4,)
@@ -181,7 +186,11 @@ def test_tolerance_outside_range_is_an_error_naming_the_range(tolerance, num, me
 
 @pytest.mark.parametrize(
     ("gram", "message"),
-    [(torch.zeros(3), r"\[\.\.\., M, M\]"), (torch.zeros(3, 4), r"\[\.\.\., M, M\]"), (torch.eye(3, dtype=torch.int64), "floating")],
+    [
+        (torch.zeros(3), r"\[\.\.\., M, M\]"),
+        (torch.zeros(3, 4), r"\[\.\.\., M, M\]"),
+        (torch.eye(3, dtype=torch.int64), "floating"),
+    ],
 )
 def test_bad_gram_is_an_error(gram, message):
     with pytest.raises(ValueError, match=message):
