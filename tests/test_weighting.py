@@ -42,7 +42,7 @@ problems = st.tuples(
 )
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(problems)
 def test_solver_matches_exact_reference(problem):
     seed, num, dim, shared, cap_kind = problem
@@ -64,7 +64,7 @@ def test_solver_matches_exact_reference(problem):
         assert np.abs(ours - reference).max() <= 1e-4
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(problems)
 def test_float32_gram_gives_float32_weights_close_to_exact(problem):
     seed, num, dim, shared, cap_kind = problem
