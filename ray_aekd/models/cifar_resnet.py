@@ -38,24 +38,32 @@ class CifarResNet(nn.Module):
     Args:
         depth: 8, 14, 20, 32, 44, 56, 110, ... (``depth - 2`` divisible by 6).
         num_classes: K.
-        width: channels of the first stage.
+        width: channels of the first stage (16; 64 for the "x4" models).
         in_channels: input channels (3 for RGB).
+        stem_width: channels of the stem convolution; defaults to ``width`` (32 for "x4").
 
     Shapes:
         input ``[B, in_channels, H, W]`` -> logits ``[B, K]``; ``features`` returns the
         pooled penultimate features ``[B, 4 * width]``.
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        width: int = 16,
+        in_channels: int = 3,
+        stem_width: int | None = None,
+    ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...); got {depth}.")
         blocks = (depth - 2) // 6
+        channels = stem_width or width
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
         )
         layers: list[nn.Module] = []
-        channels = width
         for stage, stage_width in enumerate((width, 2 * width, 4 * width)):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
@@ -74,6 +82,11 @@ class CifarResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def cifar_resnet(depth: int, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> CifarResNet:
-    """Build a CIFAR ResNet; ``cifar_resnet(20)`` is ResNet-20."""
-    return CifarResNet(depth=depth, num_classes=num_classes, width=width, in_channels=in_channels)
+def cifar_resnet(
+    depth: int, num_classes: int = 10, width: int = 16, in_channels: int = 3, stem_width: int | None = None
+) -> CifarResNet:
+    """Build a CIFAR ResNet; ``cifar_resnet(20)`` is ResNet-20, ``cifar_resnet(8, width=64,
+    stem_width=32)`` is ResNet-8x4."""
+    return CifarResNet(
+        depth=depth, num_classes=num_classes, width=width, in_channels=in_channels, stem_width=stem_width
+    )
