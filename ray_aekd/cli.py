@@ -31,6 +31,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teachers(args: argparse.Namespace) -> int:
+    from ray_aekd.config import TeachersConfig, load_config
+    from ray_aekd.teachers import train_teachers
+
+    config = load_config(TeachersConfig, args.config, args.set)
+    train_teachers(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ray-aekd", description="Adaptive ensemble knowledge distillation (AE-KD) on Ray."
@@ -56,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     demo.set_defaults(run=_demo)
+
+    teachers = commands.add_parser(
+        "teachers",
+        help="train the teacher ensemble of a config concurrently on Ray (one Tune trial per teacher)",
+        description="Train the M teachers listed in a config, each as one Ray Tune trial with its own resources; "
+        "save safe checkpoints, log one MLflow run per teacher, and print the ensemble's accuracy and disagreement. "
+        "Uses the Ray cluster in RAY_ADDRESS, else a local Ray.",
+    )
+    teachers.add_argument("--config", required=True, help="YAML config, e.g. tune_configs/teachers_digits.yaml")
+    teachers.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    teachers.set_defaults(run=_teachers)
     return parser
 
 

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY_AEKD = shutil.which("ray-aekd", path=str(Path(sys.executable).parent)) or "ray-aekd"
 
 
-def test_core_maths_imports_neither_ray_nor_mlflow():
+def test_core_maths_and_engine_import_neither_ray_nor_mlflow():
     code = (
-        "import sys, ray_aekd.weighting, ray_aekd.losses, ray_aekd.models; "
+        "import sys, ray_aekd.weighting, ray_aekd.losses, ray_aekd.models, ray_aekd.engine; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,75 @@
+"""Configs: the shipped YAML files load; bad input is one error naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ray_aekd.config import ConfigError, TeachersConfig, flatten, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
+
+
+@pytest.mark.parametrize("name", ["teachers_digits.yaml", "teachers_cifar100.yaml", "teachers_smoke.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(TeachersConfig, CONFIGS / name)
+    assert len(config.teachers) >= 2
+
+
+def test_defaults_overrides_and_flatten(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teachers:\n  - {name: a, model: resnet8}\n  - {name: b, model: digits_mlp}\ntrain: {lr: 5e-3}\n")
+    config = load_config(TeachersConfig, path, ["train.epochs=3", "teachers.1.seed=9", "data.augment=false"])
+    assert config.train.epochs == 3 and config.train.lr == 0.005 and config.teachers[1].seed == 9
+    assert config.data.augment is False and config.data.dataset == "digits"  # default
+    flat = flatten(config)
+    assert flat["train.epochs"] == 3 and flat["teachers.1.model"] == "digits_mlp"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD_TEACHERS = "teachers:\n  - {name: a, model: digits_mlp}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (GOOD_TEACHERS + "trian: {epochs: 2}\n", [], r"config: unknown key\(s\) trian; allowed: teachers, data, train"),
+        (GOOD_TEACHERS, ["train.epochs=0"], r"train.epochs: got 0; allowed: an integer >= 1"),
+        (GOOD_TEACHERS, ["train.epochs=two"], r"train.epochs: got 'two'; allowed: an integer"),
+        (GOOD_TEACHERS, ["train.schedule=step"], r"train.schedule: got 'step'; allowed: cosine, multistep, constant"),
+        (GOOD_TEACHERS, ["data.dataset=mnist"], r"data.dataset: got 'mnist'; allowed: digits, cifar10"),
+        (GOOD_TEACHERS, ["data.dataset=cifar10"], r"data.path: got None; allowed: a folder for dataset 'cifar10'"),
+        (GOOD_TEACHERS, ["resources.gpus_per_teacher=-1"], r"resources.gpus_per_teacher: got -1.0"),
+        ("teachers: []\n", [], r"teachers: got \[\]; allowed: a list of at least one teacher"),
+        (
+            GOOD_TEACHERS + "  - {name: a, model: resnet8}\n",
+            [],
+            r"teachers: got \['a'\]; allowed: unique teacher names",
+        ),
+        (
+            "teachers:\n  - {name: a, model: resnet21}\n",
+            [],
+            r"teachers.0.model: Unknown model 'resnet21'. Valid models",
+        ),
+        ("teachers:\n  - {name: a, model: resnet8, label_noise: 0.5}\n", [], r"teachers.0.noisy_classes: got \[\]"),
+        ("teachers:\n  - {model: resnet8}\n", [], r"teachers.0.name: required but missing"),
+        ("data: {dataset: digits}\n", [], r"teachers: required but missing"),
+        ("!!python/object/apply:os.system ['true']\n", [], "is not plain YAML data"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TeachersConfig, write(tmp_path, text), overrides)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TeachersConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(TeachersConfig, write(tmp_path, GOOD_TEACHERS), ["train.epochs"])
