@@ -13,11 +13,13 @@ from test_package import RAY_AEKD
 from ray_aekd.config import TeachersConfig, load_config
 from ray_aekd.models.checkpoint import load_checkpoint
 from ray_aekd.teachers import train_teachers
+from ray_aekd.tracking import local_checkpoint_path
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "teachers_smoke.yaml"
 
 
 def test_teachers_train_checkpoint_and_log(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts in ./mlruns next to the SQLite store
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     config = load_config(TeachersConfig, SMOKE, [f"output_dir={tmp_path / 'teachers'}"])
@@ -44,6 +46,9 @@ def test_teachers_train_checkpoint_and_log(local_ray, tmp_path, monkeypatch):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [1, 2]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
         assert artifacts == {"checkpoint/metadata.json", "checkpoint/weights.pt"}
+        # the logged checkpoint loads straight from its MLflow URI
+        _, meta = load_checkpoint(local_checkpoint_path(f"runs:/{run.info.run_id}/checkpoint"))
+        assert meta.metrics["val/acc1"] == pytest.approx(result.teachers[run.info.run_name]["val/acc1"], abs=1e-6)
 
 
 def test_more_gpus_than_the_cluster_has_is_refused_at_once(local_ray, tmp_path):
