@@ -20,7 +20,11 @@ import torch
 from torch import nn
 
 from ray_aekd._checks import check_temperature, check_tolerance
+from ray_aekd.data import normalize, split_indices
+from ray_aekd.data.labels import corrupt_labels
+from ray_aekd.data.sources import digits_source
 from ray_aekd.losses import distillation_loss
+from ray_aekd.models.digits_nets import DigitsMLP
 from ray_aekd.weighting import STRATEGIES, GradientSpace, aekd_weights, strategy_tolerance
 
 __all__ = ["DemoResult", "load_digits_split", "run_demo"]
@@ -35,29 +39,16 @@ class DemoResult:
 
 
 def load_digits_split(seed: int, val_fraction: float = 0.2) -> tuple[torch.Tensor, ...]:
-    """Digits as ``x_train [N, 64]``, ``y_train [N]``, ``x_val``, ``y_val``, split by seed."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    num_val = int(round(val_fraction * len(y)))
-    val, train = order[:num_val], order[num_val:]
-    return x[train], y[train], x[val], y[val]
+    """Digits as ``x_train [N, 64]`` (standardised), ``y_train [N]``, ``x_val``, ``y_val``,
+    split by seed."""
+    source = digits_source()
+    train, val = split_indices(len(source), val_fraction, seed)
+    x = normalize(source.images, source.mean, source.std).flatten(1)
+    return x[train], source.labels[train], x[val], source.labels[val]
 
 
 def _mlp(hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-
-def _noisy_labels(labels: torch.Tensor, classes: Sequence[int], rate: float, gen: torch.Generator) -> torch.Tensor:
-    """Replace a ``rate`` share of the labels of ``classes`` by a random other class."""
-    noisy = labels.clone()
-    hit = torch.isin(labels, torch.tensor(list(classes))) & (torch.rand(len(labels), generator=gen) < rate)
-    shift = torch.randint(1, 10, (len(labels),), generator=gen)
-    noisy[hit] = (labels[hit] + shift[hit]) % 10
-    return noisy
+    return DigitsMLP(num_classes=10, in_features=64, hidden=hidden)
 
 
 def _train_teacher(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 300) -> nn.Module:
@@ -119,7 +110,7 @@ def run_demo(
     teachers = []
     for m in range(num_teachers):
         group = list(range(m, 10, num_teachers))
-        noisy = _noisy_labels(y_train, group, label_noise, gen)
+        noisy = corrupt_labels(y_train, group, label_noise, 10, gen)
         teachers.append(_train_teacher(x_train, noisy, seed=seed * 100 + m))
         log(f"teacher {m}: trained with {label_noise:.0%} label noise on classes {group}")
     with torch.inference_mode():

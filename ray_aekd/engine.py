@@ -50,8 +50,8 @@ def classification_epoch(
     naming the step if the loss stops being finite.
     """
     model.train()
-    loss_sum = torch.zeros(())
-    correct = torch.zeros((), dtype=torch.int64)
+    loss_sum: torch.Tensor | None = None  # accumulated on the device: no host sync per step
+    correct: torch.Tensor | None = None
     count = 0
     for step, (x, y) in enumerate(batches):
         logits = model(x)
@@ -59,12 +59,14 @@ def classification_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach().cpu() * len(y)
-        correct += (logits.argmax(-1) == y).sum().cpu()
+        batch_loss = loss.detach() * len(y)
+        batch_correct = (logits.detach().argmax(-1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
         count += len(y)
-        if step % 50 == 0 and not torch.isfinite(loss):
+        if step % 50 == 49 and not torch.isfinite(loss):  # one host read every 50 steps
             raise FloatingPointError(f"training loss became {float(loss)} at step {step}.")
-    if count == 0:
+    if loss_sum is None or correct is None:
         raise ValueError("classification_epoch got no batches.")
     if not torch.isfinite(loss_sum):
         raise FloatingPointError("training loss is not finite at the end of the epoch.")

@@ -25,6 +25,7 @@ from ray import tune
 
 from ray_aekd.config import TeachersConfig, TeacherSpec, flatten, from_dict
 from ray_aekd.data import augment, normalize, open_source, split_indices
+from ray_aekd.data.labels import corrupt_labels
 from ray_aekd.data.sources import ImageSource, TensorSource
 from ray_aekd.engine import classification_epoch, evaluate, make_optimizer
 from ray_aekd.models import build_model
@@ -69,11 +70,7 @@ def teacher_data(config: TeachersConfig, spec: TeacherSpec) -> TeacherData:
         train = train[torch.randperm(len(train), generator=gen)[:keep]].sort().values
     train_images, labels = _stack(source, train)
     if spec.label_noise > 0:
-        noisy = torch.isin(labels, torch.tensor(spec.noisy_classes)) & (
-            torch.rand(len(labels), generator=gen) < spec.label_noise
-        )
-        shift = torch.randint(1, source.num_classes, (len(labels),), generator=gen)
-        labels = torch.where(noisy, (labels + shift) % source.num_classes, labels)
+        labels = corrupt_labels(labels, spec.noisy_classes, spec.label_noise, source.num_classes, gen)
     val_images, val_labels = _stack(source, val)
     return TeacherData(train_images, train, labels, val_images, val_labels, source)
 

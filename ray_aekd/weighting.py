@@ -40,6 +40,7 @@ __all__ = [
     "STRATEGIES",
     "GradientSpace",
     "aekd_weights",
+    "check_finite_logits",
     "kd_logit_gradients",
     "min_norm_weights",
     "strategy_tolerance",
