@@ -115,7 +115,7 @@ def min_norm_weights(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
     check_num_teachers(num)
     cap = check_tolerance(tolerance, num)
     uniform = torch.full(gram.shape[:-1], 1.0 / num, dtype=gram.dtype, device=gram.device)
-    if cap * num <= 1.0:
+    if cap <= 1.0 / num:  # the feasible set is the single uniform point
         return uniform
 
     with torch.no_grad():
