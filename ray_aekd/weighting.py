@@ -344,14 +344,15 @@ def _newton_direction(
 
 def _enumerate_active_sets(gram: torch.Tensor, cap: float) -> torch.Tensor:
     """Exact solve for small M: every coordinate is free, at 0 or at C. Solve the KKT system
-    of all ``3^M`` patterns in one batched solve and keep the feasible one of least
-    objective. ``gram`` is ``[..., M, M]`` (normalised); returns ``[..., M]``.
+    of every such pattern (up to ``3^M``) in one batched solve and keep the feasible one of
+    least objective. ``gram`` is ``[..., M, M]`` (normalised); returns ``[..., M]``.
 
     A ridge of ``1e-12`` keeps every pattern's system non-singular when the Gram is
     singular; it moves the objective by at most 1e-12.
     """
     num = gram.shape[-1]
-    free, at_cap = _active_set_patterns(num, gram.device)  # [P, M] each
+    # at most floor(1 / C) weights can sit at the cap C, since the weights sum to 1
+    free, at_cap = _active_set_patterns(num, gram.device, int(1.0 / cap + 1e-9))  # [P, M] each
     ridge = 1e-12 * torch.eye(num, dtype=gram.dtype, device=gram.device)
     alpha, regular = _solve_kkt((gram + ridge).unsqueeze(-3), free, at_cap, cap)  # [..., P, M], [..., P]
     alpha = torch.where(regular[..., None], alpha, 0.0)
@@ -420,9 +421,11 @@ def _within_bounds(alpha: torch.Tensor, cap: float, slack: float = 1e-10) -> tor
 
 
 @functools.cache
-def _active_set_patterns(num: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ``P = 3^M`` active-set patterns as masks ``free [P, M]`` and ``at_cap [P, M]``."""
-    codes = torch.tensor(list(itertools.product((0, 1, 2), repeat=num)), device=device)  # 0 free, 1 at 0, 2 at C
+def _active_set_patterns(num: int, device: torch.device, max_at_cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The active-set patterns with at most ``max_at_cap`` weights at the cap (of all 3^M),
+    as masks ``free [P, M]`` and ``at_cap [P, M]``."""
+    codes = torch.tensor(list(itertools.product((0, 1, 2), repeat=num)))  # 0 free, 1 at 0, 2 at C
+    codes = codes[(codes == 2).sum(-1) <= max_at_cap].to(device)
     return codes == 0, codes == 2
 
 
