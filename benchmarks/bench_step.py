@@ -142,12 +142,14 @@ def main() -> None:
     parser.add_argument("--solver-repeats", type=int, default=200, help="timed solves per solver and M")
     args = parser.parse_args()
 
+    # the solvers first: after heavy multi-threaded steps, spinning intra-op threads slow
+    # every small op (ours and scikit-learn's alike) for a while
+    print(f"timing the solvers, {args.solver_repeats} rounds per M ...", file=sys.stderr)
+    solver = solver_comparison(args.solver_repeats)
     bench = StepBench()
     print(f"timing {args.repeats} rounds of 3 training steps ...", file=sys.stderr)
     times = timed_rounds({"average": bench.average, "aekd": bench.aekd, "authors": bench.authors}, args.repeats)
     step = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"timing the solvers, {args.solver_repeats} rounds per M ...", file=sys.stderr)
-    solver = solver_comparison(args.solver_repeats)
     ratios = {
         "aekd_over_average": paired_ratio(times, "aekd", "average"),
         "authors_over_aekd": paired_ratio(times, "authors", "aekd"),

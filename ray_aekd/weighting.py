@@ -352,9 +352,9 @@ def _enumerate_active_sets(gram: torch.Tensor, cap: float) -> torch.Tensor:
     """
     num = gram.shape[-1]
     # at most floor(1 / C) weights can sit at the cap C, since the weights sum to 1
-    free, at_cap = _active_set_patterns(num, gram.device, int(1.0 / cap + 1e-9))  # [P, M] each
+    template = _enumeration_template(num, gram.device, gram.dtype, int(1.0 / cap + 1e-9))  # P patterns
     ridge = 1e-12 * torch.eye(num, dtype=gram.dtype, device=gram.device)
-    alpha, regular = _solve_kkt((gram + ridge).unsqueeze(-3), free, at_cap, cap)  # [..., P, M], [..., P]
+    alpha, regular = _solve_kkt((gram + ridge).unsqueeze(-3), template, cap)  # [..., P, M], [..., P]
     alpha = torch.where(regular[..., None], alpha, 0.0)
     objective = torch.where(regular & _within_bounds(alpha, cap), _quadratic(gram.unsqueeze(-3), alpha), torch.inf)
     best = objective.argmin(-1)  # [...]
@@ -374,7 +374,7 @@ def _polish(gram: torch.Tensor, primal: torch.Tensor, dual: torch.Tensor, cap: f
     at_zero, at_cap = (primal < dual).unbind(-2)
     best = primal[..., 0, :]
     for _ in range(_POLISH_PASSES):
-        alpha, regular = _solve_kkt(gram, ~(at_zero | at_cap), at_cap, cap)
+        alpha, regular = _solve_kkt(gram, _kkt_template(~(at_zero | at_cap), at_cap, gram.dtype), cap)
         feasible = regular & _within_bounds(alpha, cap)
         clamped = alpha.clamp(0.0, cap)
         better = feasible & (_quadratic(gram, clamped) <= _quadratic(gram, best) + 1e-12)
@@ -384,32 +384,55 @@ def _polish(gram: torch.Tensor, primal: torch.Tensor, dual: torch.Tensor, cap: f
     return best
 
 
-def _solve_kkt(
-    gram: torch.Tensor, free: torch.Tensor, at_cap: torch.Tensor, cap: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise over one active set: ``alpha_i = 0`` / ``= cap`` where fixed, the rest free.
+class _KKTTemplate(NamedTuple):
+    """The parts of the active-set KKT systems that do not depend on the Gram.
 
     Row i of the ``[M+1, M+1]`` system is ``G_i. alpha - nu = 0`` for a free i and
     ``alpha_i = bound`` otherwise; the last row is ``sum(alpha) = 1``.
+    """
+
+    use_gram: torch.Tensor  # [..., M+1, M+1] bool: the entry comes from the Gram
+    constant: torch.Tensor  # [..., M+1, M+1]: identity rows, the -nu column, the sum row
+    rhs_cap: torch.Tensor  # [..., M+1]: times C, the right-hand side of the at-cap rows
+    rhs_sum: torch.Tensor  # [M+1]: the 1 of the sum row
+
+
+def _kkt_template(free: torch.Tensor, at_cap: torch.Tensor, dtype: torch.dtype) -> _KKTTemplate:
+    """Templates for active sets given as bool masks ``free``, ``at_cap`` ``[..., M]``."""
+    num = free.shape[-1]
+    eye = torch.eye(num, dtype=dtype, device=free.device)
+    constant = F.pad(torch.where(free.unsqueeze(-1), 0.0, eye), (0, 1, 0, 1))
+    constant = constant + F.pad(-free.to(dtype).unsqueeze(-1), (num, 0, 0, 1))  # the -nu column
+    constant[..., num, :num] = 1.0  # the sum row
+    use_gram = torch.zeros(constant.shape, dtype=torch.bool, device=free.device)
+    use_gram[..., :num, :num] = free.unsqueeze(-1)
+    rhs_sum = torch.zeros(num + 1, dtype=dtype, device=free.device)
+    rhs_sum[num] = 1.0
+    return _KKTTemplate(use_gram, constant, F.pad(at_cap.to(dtype), (0, 1)), rhs_sum)
+
+
+@functools.cache
+def _enumeration_template(num: int, device: torch.device, dtype: torch.dtype, max_at_cap: int) -> _KKTTemplate:
+    """The template of every pattern with at most ``max_at_cap`` weights at the cap (of the
+    ``3^M`` patterns), built once per M, device, dtype and bound."""
+    codes = torch.tensor(list(itertools.product((0, 1, 2), repeat=num)))  # 0 free, 1 at 0, 2 at C
+    codes = codes[(codes == 2).sum(-1) <= max_at_cap].to(device)
+    return _kkt_template(codes == 0, codes == 2, dtype)
+
+
+def _solve_kkt(gram: torch.Tensor, template: _KKTTemplate, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise over active sets: ``alpha_i = 0`` / ``= cap`` where fixed, the rest free.
 
     Args:
-        gram: ``[..., M, M]``; free, at_cap: ``[..., M]`` bool masks (broadcast together).
+        gram: ``[..., M, M]``, broadcast against the template's batch of active sets.
 
     Returns:
         ``alpha [..., M]`` (not clamped) and ``regular [...]``: the system was non-singular
         and its solution finite.
     """
     num = gram.shape[-1]
-    dtype = gram.dtype
-    eye = torch.eye(num, dtype=dtype, device=gram.device)
-    border = torch.zeros(num + 1, num + 1, dtype=dtype, device=gram.device)
-    border[num, :num] = 1.0  # the sum row
-    kkt = (
-        F.pad(torch.where(free.unsqueeze(-1), gram, eye), (0, 1, 0, 1))
-        + F.pad(-free.to(dtype).unsqueeze(-1), (num, 0, 0, 1))  # the -nu column
-        + border
-    )
-    rhs = F.pad(at_cap.to(dtype) * cap, (0, 1), value=1.0)
+    kkt = torch.where(template.use_gram, F.pad(gram, (0, 1, 0, 1)), template.constant)
+    rhs = template.rhs_cap * cap + template.rhs_sum
     solution, info = torch.linalg.solve_ex(kkt, rhs.unsqueeze(-1))
     alpha = solution[..., :num, 0]
     return alpha, (info == 0) & torch.isfinite(alpha).all(-1)
@@ -418,15 +441,6 @@ def _solve_kkt(
 def _within_bounds(alpha: torch.Tensor, cap: float, slack: float = 1e-10) -> torch.Tensor:
     """``[..., M] -> [...]``: every weight in ``[-slack, cap + slack]``."""
     return (alpha >= -slack).all(-1) & (alpha <= cap + slack).all(-1)
-
-
-@functools.cache
-def _active_set_patterns(num: int, device: torch.device, max_at_cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The active-set patterns with at most ``max_at_cap`` weights at the cap (of all 3^M),
-    as masks ``free [P, M]`` and ``at_cap [P, M]``."""
-    codes = torch.tensor(list(itertools.product((0, 1, 2), repeat=num)))  # 0 free, 1 at 0, 2 at C
-    codes = codes[(codes == 2).sum(-1) <= max_at_cap].to(device)
-    return codes == 0, codes == 2
 
 
 def _quadratic(gram: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
