@@ -13,7 +13,7 @@ The authors reach alpha through scikit-learn's ``OneClassSVM`` on the raw Gram, 
 on an absolute tolerance and is far off when Gram entries are tiny (they are: trace ~1e-7
 for batch 128, 100 classes, T = 4). Here the Gram is first normalised by its mean diagonal,
 so the weights do not depend on the gradients' scale. The QP is then solved exactly for
-M <= 6 by enumerating all 3^M active sets in one batched solve, and for larger M by a
+M <= 6 by enumerating its active sets (at most 3^M) in one batched solve, and for larger M by a
 primal-dual interior-point method (Mehrotra predictor-corrector, fixed iteration count)
 followed by one exact active-set polish. Every operation is a batched tensor op on the
 Gram's device: no ``.item()``, no data-dependent Python control flow, so a CUDA step never
