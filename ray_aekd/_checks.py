@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Relative slack when comparing a tolerance with 1/M, so that 1/3 typed as a float is 1/M.
@@ -29,8 +31,8 @@ def check_tolerance(tolerance: float, num_teachers: int) -> float:
 
 
 def check_temperature(temperature: float) -> None:
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}.")
+    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}.")
 
 
 def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:

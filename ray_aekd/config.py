@@ -9,6 +9,7 @@ and builds the dataclass tree. Unknown keys, wrong types and out-of-range values
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -65,6 +66,12 @@ class DataConfig:
         )
         if self.image_size is not None:
             _check(self.image_size >= 8, f"{prefix}.image_size", self.image_size, "an integer >= 8, or null")
+            _check(
+                self.dataset == "imagefolder",
+                f"{prefix}.image_size",
+                self.image_size,
+                "null unless dataset is imagefolder (other datasets have a fixed size)",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +85,13 @@ class TeacherSpec:
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.name) and "/" not in self.name, f"{prefix}.name", self.name, "a non-empty name without '/'")
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")
+        _check(
+            all(c >= 0 for c in self.noisy_classes),
+            f"{prefix}.noisy_classes",
+            list(self.noisy_classes),
+            "class indices >= 0",
+        )
         try:
             model_spec(self.model)
         except ValueError as error:
@@ -105,11 +119,20 @@ class TrainConfig:
     def validate(self, prefix: str) -> None:
         _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a number > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "a finite number > 0")
         _check(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "a number in [0, 1)")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
         schedules = ("cosine", "multistep", "constant")
         _check(self.schedule in schedules, f"{prefix}.schedule", self.schedule, ", ".join(schedules))
+        if self.schedule == "multistep":
+            steps = self.milestones
+            ok = bool(steps) and steps[0] > 0 and all(a < b for a, b in zip(steps, steps[1:], strict=False))
+            _check(
+                ok and self.milestones[-1] < self.epochs,
+                f"{prefix}.milestones",
+                list(self.milestones),
+                f"increasing epochs in [1, {self.epochs - 1}] for schedule multistep",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +170,7 @@ class TeachersConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         _check(not duplicates, "teachers", duplicates, "unique teacher names (these repeat)")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -166,7 +190,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value.")
-        _set_dotted(data, key.strip().split("."), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not plain YAML ({error}).") from None
+        _set_dotted(data, key.strip().split("."), value)
     return from_dict(cls, data)
 
 
@@ -194,7 +222,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping; got {data!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}.")
     hints = typing.get_type_hints(cls)

@@ -46,7 +46,9 @@ def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     check_temperature(temperature)
     log_student = F.log_softmax(student_logits / temperature, dim=-1)  # [B, K]
     log_teacher = F.log_softmax(teacher_logits.detach().to(log_student.dtype) / temperature, dim=-1)  # [M, B, K]
-    kl = (log_teacher.exp() * (log_teacher - log_student.unsqueeze(0))).sum(-1)  # [M, B]
+    p_teacher = log_teacher.exp()
+    # classes a teacher rules out (logit -inf) contribute 0, not 0 * inf
+    kl = torch.where(p_teacher > 0, p_teacher * (log_teacher - log_student.unsqueeze(0)), 0.0).sum(-1)  # [M, B]
     return kl.mean(-1) * temperature**2
 
 
@@ -83,7 +85,7 @@ def distillation_loss(
         ``hint_weight/<i>``. All are tensors; nothing is read back to the host.
     """
     kd = kd_losses(student_logits, teacher_logits, temperature)  # [M]
-    weights = _checked_weights(teacher_weights, kd.shape[0], "teacher_weights").detach().to(kd.dtype)
+    weights = _checked_weights(teacher_weights, kd.shape[0], "teacher_weights").detach().to(kd.device, kd.dtype)
     ce = F.cross_entropy(student_logits, labels)
     kd_sum = (weights * kd).sum()
     out = {"loss": ce_weight * ce + kd_weight * kd_sum, "ce": ce, "kd": kd_sum}
@@ -94,7 +96,8 @@ def distillation_loss(
         return out
     if hint_teacher_weights is None:
         raise ValueError("hints were given without hint_teacher_weights ([M] weights for the hint terms).")
-    hint_alpha = _checked_weights(hint_teacher_weights, kd.shape[0], "hint_teacher_weights").detach().to(hints.dtype)
+    hint_alpha = _checked_weights(hint_teacher_weights, kd.shape[0], "hint_teacher_weights").detach()
+    hint_alpha = hint_alpha.to(hints.device, hints.dtype)
     if hints.shape != kd.shape:
         raise ValueError(f"hints must have shape [M] = {list(kd.shape)}; got {list(hints.shape)}.")
     hint_sum = (hint_alpha * hints).sum()

@@ -145,7 +145,13 @@ class TeachersResult:
 def train_teachers(config: TeachersConfig, log: Callable[[str], None] = print) -> TeachersResult:
     """Train every teacher of ``config`` concurrently, then evaluate the ensemble."""
     start = time.perf_counter()
+    if config.data.path is not None and "://" not in config.data.path:
+        # Tune runs each trial in its own working directory: pass the trials an absolute path
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, path=str(Path(config.data.path).resolve()))
+        )
     source, _, val = load_split(config)  # fails fast on a bad data path, before Ray is used
+    _check_teachers_fit(config, source)
     _check_cluster(config)
     output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +238,28 @@ def _teacher_params(config: TeachersConfig, index: int) -> dict[str, Any]:
     shared = {k: v for k, v in flatten(config).items() if not k.startswith("teachers.")}
     own = {f"teacher.{k}": v for k, v in flatten(config.teachers[index]).items()}
     return shared | own
+
+
+def _check_teachers_fit(config: TeachersConfig, source: ImageSource) -> None:
+    """Every teacher's classes exist in the data and its model runs on one of its images."""
+    image, _ = source[0]
+    x = normalize(image.unsqueeze(0), source.mean, source.std)
+    for i, spec in enumerate(config.teachers):
+        bad = [c for c in spec.noisy_classes if c >= source.num_classes]
+        if bad:
+            raise ValueError(
+                f"teachers.{i}.noisy_classes: got {bad}; allowed: class indices below {source.num_classes} "
+                f"({config.data.dataset} has {source.num_classes} classes)."
+            )
+        model = build_model(spec.model, source.num_classes, in_channels=source.input_shape[0]).eval()
+        try:
+            with torch.no_grad():
+                model(x)
+        except RuntimeError as error:
+            raise ValueError(
+                f"teachers.{i}.model: {spec.model!r} does not run on {config.data.dataset} images of shape "
+                f"{list(source.input_shape)} ({error})."
+            ) from None
 
 
 def _check_cluster(config: TeachersConfig) -> None:

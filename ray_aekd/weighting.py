@@ -101,7 +101,8 @@ def min_norm_weights(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
 
     Returns:
         ``[..., M]`` weights in the Gram's dtype and on its device. An all-zero Gram (every
-        gradient zero) gives uniform weights. Where the minimiser is not unique (singular
+        gradient zero) gives uniform weights; a Gram holding NaN or Inf gives NaN weights, so
+        that the step's loss shows it instead of a silent fallback. Where the minimiser is not unique (singular
         Gram) one minimiser is returned.
 
     Raises:
@@ -123,12 +124,15 @@ def min_norm_weights(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
         g = 0.5 * (g + g.transpose(-1, -2))
         scale = g.diagonal(dim1=-2, dim2=-1).mean(-1)
         nonzero = scale > 0
-        g = g / torch.where(nonzero, scale, torch.ones_like(scale))[..., None, None]
+        finite = torch.isfinite(g).all(-1).all(-1)
+        g = torch.where((nonzero & finite)[..., None, None], g, 0.0)
+        g = g / torch.where(nonzero & finite, scale, torch.ones_like(scale))[..., None, None]
         if num <= _ENUMERATE_MAX_TEACHERS:
             alpha = _enumerate_active_sets(g, cap)
         else:
             alpha = _polish(g, *_interior_point(g, cap), cap)
-        return torch.where(nonzero[..., None], alpha.to(gram.dtype), uniform)
+        alpha = torch.where(nonzero[..., None], alpha.to(gram.dtype), uniform)
+        return torch.where(finite[..., None], alpha, torch.nan)
 
 
 def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -143,14 +147,16 @@ def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         temperature: T > 0.
 
     Returns:
-        ``[M, B, K]`` gradients, detached.
+        ``[M, B, K]`` gradients, detached, in float32 or wider (float16 logits are promoted).
     """
     check_logits(student_logits, teacher_logits)
     check_temperature(temperature)
     batch = student_logits.shape[0]
     with torch.no_grad():
-        p_student = torch.softmax(student_logits.detach() / temperature, dim=-1)
-        p_teacher = torch.softmax(teacher_logits.detach().to(p_student.dtype) / temperature, dim=-1)
+        # at least float32: in float16 the Gram of these small gradients underflows to zero
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        p_student = torch.softmax(student_logits.detach().to(dtype) / temperature, dim=-1)
+        p_teacher = torch.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
         return (temperature / batch) * (p_student.unsqueeze(0) - p_teacher)
 
 
@@ -168,7 +174,8 @@ def teacher_gram(
             code does); ``per_sample`` flattens the whole ``[B, ...]`` gradient, so Gram
             entries are sums of per-sample inner products.
         normalize: scale each teacher's gradient to unit L2 norm first (the Gram becomes the
-            cosine-similarity matrix; zero gradients stay zero).
+            cosine-similarity matrix; zero gradients stay zero). With ``per_sample`` and
+            ``reduce`` each worker normalises its own shard before the Grams are reduced.
         reduce: called on the ``[M, D]`` batch means (``batch_mean``) or the ``[M, M]`` Gram
             (``per_sample``) before solving; the distributed layer passes an all-reduce here so
             every worker gets the same Gram. Must return a tensor of the same shape.
@@ -287,7 +294,8 @@ def _interior_point(gram: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch
     num = gram.shape[-1]
     dtype, device = gram.dtype, gram.device
     floor = 1e-14 if dtype == torch.float64 else 1e-7
-    sign = torch.tensor([[1.0], [-1.0]], dtype=dtype, device=device)  # dP = sign * d_alpha
+    sign = torch.ones(2, 1, dtype=dtype, device=device)  # dP = sign * d_alpha; no host-to-device copy
+    sign[1] = -1.0
     alpha = torch.full(gram.shape[:-1], 1.0 / num, dtype=dtype, device=device)
     primal = torch.stack([alpha, cap - alpha], dim=-2)
     dual = torch.ones_like(primal)

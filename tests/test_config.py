@@ -61,6 +61,16 @@ GOOD_TEACHERS = "teachers:\n  - {name: a, model: digits_mlp}\n"
         ("teachers:\n  - {model: resnet8}\n", [], r"teachers.0.name: required but missing"),
         ("data: {dataset: digits}\n", [], r"teachers: required but missing"),
         ("!!python/object/apply:os.system ['true']\n", [], "is not plain YAML data"),
+        (GOOD_TEACHERS, ["teachers.0.seed=-1"], r"teachers.0.seed: got -1; allowed: an integer >= 0"),
+        (GOOD_TEACHERS, ["train.schedule=multistep"], r"train.milestones: got \[\]; allowed: increasing epochs"),
+        (GOOD_TEACHERS, ["train.lr=.inf"], r"train.lr: got inf; allowed: a finite number > 0"),
+        (
+            GOOD_TEACHERS,
+            ["data.image_size=16"],
+            r"data.image_size: got 16; allowed: null unless",
+        ),
+        (GOOD_TEACHERS + "1: x\n", [], r"config: unknown key\(s\) 1; allowed"),
+        (GOOD_TEACHERS, ["train.lr=[1"], "the value is not plain YAML"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, message):

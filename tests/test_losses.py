@@ -127,3 +127,17 @@ def test_hint_regressors_on_flat_features_and_shape_errors():
         hint_losses(torch.randn(5, 8), [torch.randn(5, 4)], regressors)
     with pytest.raises(ValueError, match="at least one teacher"):
         HintRegressors(8, [])
+
+
+def test_a_class_ruled_out_by_a_teacher_adds_nothing():
+    student = torch.randn(4, 3)
+    teachers = torch.randn(1, 4, 3)
+    ruled_out = teachers.clone()
+    ruled_out[..., 2] = float("-inf")
+    loss = kd_losses(student, ruled_out, 2.0)
+    assert torch.isfinite(loss).all()
+    # equals the KL over the two remaining classes' teacher mass
+    p_t = torch.softmax(ruled_out[0] / 2.0, -1)
+    log_s = torch.log_softmax(student / 2.0, -1)
+    expected = 4.0 * (p_t[:, :2] * (p_t[:, :2].log() - log_s[:, :2])).sum(-1).mean()
+    torch.testing.assert_close(loss[0], expected)

@@ -64,7 +64,7 @@ def test_console_script_runs_the_demo(tmp_path):
     [
         (["--tolerance", "0.2"], r"tolerance must be in \[1/M, 1\] = \[0.333333, 1\] for M = 3 teachers; got 0.2"),
         (["--teachers", "1"], r"number of teachers \(--teachers\) must be >= 2; got 1"),
-        (["--temperature", "0"], "temperature must be > 0; got 0.0"),
+        (["--temperature", "0"], "temperature must be a finite number > 0; got 0.0"),
         (["--epochs", "0"], r"epochs \(--epochs\) must be >= 1; got 0"),
     ],
 )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from test_package import RAY_AEKD
 
 from ray_aekd.config import TeachersConfig, load_config
@@ -64,3 +65,18 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     proc = subprocess.run([RAY_AEKD, "teachers", "--config", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train.epochs: got 0; allowed: an integer >= 1" in proc.stderr
+
+
+def test_teachers_that_do_not_fit_the_data_are_refused_before_ray(tmp_path):
+    config = load_config(TeachersConfig, SMOKE, ["teachers.0.noisy_classes=[2, 42]"])
+    with pytest.raises(ValueError, match=r"teachers.0.noisy_classes: got \[42\]; allowed: class indices below 10"):
+        train_teachers(config)
+    for label in ("x", "y"):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            Image.new("RGB", (12, 10)).save(tmp_path / label / f"{i}.png")
+    folder = load_config(
+        TeachersConfig, SMOKE, ["data.dataset=imagefolder", f"data.path={tmp_path}", "teachers.0.noisy_classes=[0]"]
+    )
+    with pytest.raises(ValueError, match=r"teachers.0.model: 'digits_mlp' does not run on imagefolder images"):
+        train_teachers(folder)

@@ -276,7 +276,12 @@ def test_non_finite_teacher_logits_name_the_teacher():
         (torch.zeros(4, 5), torch.zeros(4, 5), {}, r"\[M, B, K\]"),
         (torch.zeros(4), torch.zeros(3, 4), {}, r"\[B, K\]"),
         (torch.zeros(4, 5), torch.zeros(0, 4, 5), {}, "no teachers"),
-        (torch.zeros(4, 5), torch.zeros(3, 4, 5), {"temperature": 0.0}, "temperature must be > 0; got 0.0"),
+        (
+            torch.zeros(4, 5),
+            torch.zeros(3, 4, 5),
+            {"temperature": 0.0},
+            "temperature must be a finite number > 0; got 0.0",
+        ),
         (torch.zeros(4, 5), torch.zeros(3, 4, 5), {"space": "diag"}, "Unknown gradient space 'diag'"),
     ],
 )
@@ -303,3 +308,26 @@ def test_strategy_tolerance():
         strategy_tolerance("aekd", 4, 0.1)
     with pytest.raises(ValueError, match="needs a tolerance"):
         strategy_tolerance("aekd", 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_give_the_float32_weights(dtype):
+    """Gradients are formed in float32: in float16 this Gram (trace ~1e-7) would underflow to 0."""
+    gen = torch.Generator().manual_seed(4)
+    student = torch.randn(128, 100, generator=gen)
+    teachers = torch.randn(3, 128, 100, generator=gen) * 3
+    reference = aekd_weights(student.to(dtype).float(), teachers.to(dtype).float(), 4.0, 0.9)
+    weights = aekd_weights(student.to(dtype), teachers.to(dtype), 4.0, 0.9)
+    assert not torch.allclose(reference, torch.full((3,), 1 / 3), atol=0.02)  # a real, non-uniform answer
+    torch.testing.assert_close(weights.float(), reference, atol=2e-3, rtol=0)
+
+
+def test_non_finite_gram_gives_nan_weights_not_a_silent_answer():
+    for num in (3, 8):
+        gram = torch.eye(num, dtype=torch.float64)
+        gram[0, 1] = gram[1, 0] = float("nan")
+        assert torch.isnan(min_norm_weights(gram, 0.5)).all()
+    batch = torch.eye(3).repeat(2, 1, 1)
+    batch[1, 2, 2] = float("inf")
+    out = min_norm_weights(batch, 0.5)
+    assert torch.allclose(out[0], torch.full((3,), 1 / 3)) and torch.isnan(out[1]).all()
