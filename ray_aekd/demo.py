@@ -23,9 +23,9 @@ from ray_aekd._checks import check_temperature, check_tolerance
 from ray_aekd.data import normalize, split_indices
 from ray_aekd.data.labels import corrupt_labels
 from ray_aekd.data.sources import digits_source
-from ray_aekd.losses import distillation_loss
+from ray_aekd.engine import DistillSettings, distill_step
 from ray_aekd.models.digits_nets import DigitsMLP
-from ray_aekd.weighting import STRATEGIES, GradientSpace, aekd_weights, strategy_tolerance
+from ray_aekd.weighting import STRATEGIES, GradientSpace, strategy_tolerance
 
 __all__ = ["DemoResult", "load_digits_split", "run_demo"]
 
@@ -165,18 +165,14 @@ def _distil(
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(seed + 2)
     weight_sum = torch.zeros(teacher_logits.shape[0], dtype=torch.float64)
+    # the strategy is carried by C: C = 1/M gives exactly uniform weights
+    settings = DistillSettings(strategy="aekd", tolerance=cap, temperature=temperature, space=space)
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch_size):
             idx = order[start : start + batch_size]
-            logits = student(x[idx])
-            teachers = teacher_logits[:, idx]
-            weights = aekd_weights(logits, teachers, temperature, cap, space=space)
-            loss = distillation_loss(logits, teachers, y[idx], weights, temperature)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            weight_sum += weights.double()
+            out = distill_step(student, x[idx], y[idx], teacher_logits[:, idx], optimizer, settings, step=steps)
+            weight_sum += torch.stack([out[f"weight/{m}"] for m in range(len(weight_sum))]).double()
             steps += 1
     return student.eval(), (weight_sum / steps).tolist()

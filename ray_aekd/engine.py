@@ -1,19 +1,23 @@
 """Training and evaluation steps on plain tensors: no Ray, no MLflow.
 
-Teachers are trained with ``classification_epoch``; every model is evaluated with
-``evaluate``. The distillation step joins them in a later change.
+Teachers are trained with ``classification_epoch``, students with ``distill_step``; every
+model is evaluated with ``evaluate``. The distributed layer calls these inside Ray workers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["classification_epoch", "evaluate", "make_optimizer"]
+from ray_aekd.losses import distillation_loss
+from ray_aekd.weighting import GradientSpace, aekd_weights, strategy_tolerance
+
+__all__ = ["DistillSettings", "classification_epoch", "distill_step", "evaluate", "make_optimizer"]
 
 
 def make_optimizer(
@@ -85,3 +89,76 @@ def evaluate(
         "val/loss": float(F.cross_entropy(logits, y)),
     }
     return metrics, logits
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How one distillation step weighs its terms (the authors' CIFAR defaults).
+
+    Attributes:
+        strategy: ``average`` (C = 1/M), ``aekd`` (C = ``tolerance``) or ``mgda`` (C = 1).
+        tolerance: C for ``aekd``, in ``[1/M, 1]``.
+        temperature: T > 0.
+        ce_weight: gamma, weight of the cross-entropy with the labels.
+        kd_weight: lambda, weight of the weighted KD sum.
+        space: gradient space of the weighting, ``batch_mean`` or ``per_sample``.
+        normalize: unit-normalise each teacher's gradient before the Gram.
+    """
+
+    strategy: str = "aekd"
+    tolerance: float = 0.6
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+    kd_weight: float = 0.9
+    space: GradientSpace = "batch_mean"
+    normalize: bool = False
+
+
+def distill_step(
+    student: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    settings: DistillSettings,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """One AE-KD step: student forward, per-teacher KD, teacher weights, one backward, update.
+
+    Args:
+        student: the model being trained (may be wrapped in DDP).
+        images: ``[B, ...]`` inputs; labels: ``[B]``.
+        teacher_logits: ``[M, B, K]``, the teachers' logits for the same views.
+        optimizer: steps the student's parameters.
+        settings: strategy, tolerance, temperature and loss weights.
+        reduce: all-reduce hook so that every worker computes the same weights.
+        step: the global step, named in errors.
+
+    Returns:
+        The named loss terms and weights (``loss``, ``ce``, ``kd``, ``kd/<i>``, ``weight/<i>``),
+        detached tensors: nothing is read back to the host here.
+
+    Raises:
+        ValueError: a teacher's (or the student's) logits hold NaN/Inf; the message names the
+            teacher and the step.
+    """
+    logits = student(images)
+    num = teacher_logits.shape[0]
+    cap = strategy_tolerance(settings.strategy, num, settings.tolerance)
+    if settings.strategy == "average":
+        weights = torch.full((num,), 1.0 / num, dtype=logits.dtype, device=logits.device)
+    else:
+        try:
+            weights = aekd_weights(
+                logits, teacher_logits, settings.temperature, cap, settings.space, settings.normalize, reduce
+            )
+        except ValueError as error:
+            raise ValueError(f"{error.args[0]} (at step {step})" if step is not None else str(error)) from None
+    out = distillation_loss(
+        logits, teacher_logits, labels, weights, settings.temperature, settings.ce_weight, settings.kd_weight
+    )
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return {name: value.detach() for name, value in out.items()}
