@@ -1,5 +1,6 @@
 import os
 
+import pytest
 from hypothesis import settings
 
 # CI runs a fixed set of examples so that a red build always reproduces; locally hypothesis
@@ -7,9 +8,6 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
