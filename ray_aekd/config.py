@@ -20,10 +20,19 @@ import yaml
 
 from ray_aekd.data.sources import SOURCES
 from ray_aekd.models.registry import model_spec
+from ray_aekd.weighting import STRATEGIES
 
 __all__ = [
+    "PRESETS",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
+    "DistillTeacher",
+    "DistillTrackingConfig",
+    "LossConfig",
+    "StudentConfig",
+    "WorkersConfig",
+    "apply_preset",
     "ResourcesConfig",
     "TeacherSpec",
     "TeachersConfig",
@@ -173,6 +182,161 @@ class TeachersConfig:
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillTeacher:
+    """A trained teacher for distillation: where its checkpoint is and what its actor pool gets."""
+
+    name: str
+    checkpoint: str  # folder, fsspec URL (s3://...) or MLflow URI (runs:/<id>/checkpoint)
+    num_gpus: float = 0.0  # per actor; fractional shares a GPU
+    num_cpus: float = 0.5  # per actor
+    actors: int = 1  # size of this teacher's actor pool
+    batch_size: int = 256  # inference batch size
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"{prefix}.name", self.name, "a non-empty name without '/'")
+        _check(bool(self.checkpoint), f"{prefix}.checkpoint", self.checkpoint, "a checkpoint folder or URI")
+        _check(self.num_gpus >= 0, f"{prefix}.num_gpus", self.num_gpus, "a number >= 0 (fractions share a GPU)")
+        _check(self.num_cpus > 0, f"{prefix}.num_cpus", self.num_cpus, "a number > 0")
+        _check(self.actors >= 1, f"{prefix}.actors", self.actors, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    model: str = "digits_mlp"
+    hint_layer: str | None = None  # hints: the student layer regressed onto the teachers' (default: the model's)
+
+    def validate(self, prefix: str) -> None:
+        try:
+            model_spec(self.model)
+        except ValueError as error:
+            raise ConfigError(f"{prefix}.model: {error}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    strategy: str = "aekd"  # average | aekd | mgda
+    tolerance: float = 0.6  # C, in [1/M, 1]
+    temperature: float = 4.0
+    ce_weight: float = 1.0  # gamma
+    kd_weight: float = 0.9  # lambda
+    hint_weight: float = 0.0  # beta: > 0 adds hint-level AE-KD
+    space: str = "batch_mean"  # batch_mean | per_sample
+    normalize: bool = False
+
+    def validate(self, prefix: str) -> None:
+        _check(self.strategy in STRATEGIES, f"{prefix}.strategy", self.strategy, ", ".join(STRATEGIES))
+        _check(0 < self.tolerance <= 1, f"{prefix}.tolerance", self.tolerance, "a number in [1/M, 1]")
+        ok = math.isfinite(self.temperature) and self.temperature > 0
+        _check(ok, f"{prefix}.temperature", self.temperature, "a finite number > 0")
+        for key in ("ce_weight", "kd_weight", "hint_weight"):
+            value = getattr(self, key)
+            _check(math.isfinite(value) and value >= 0, f"{prefix}.{key}", value, "a finite number >= 0")
+        spaces = ("batch_mean", "per_sample")
+        _check(self.space in spaces, f"{prefix}.space", self.space, ", ".join(spaces))
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkersConfig:
+    num_workers: int = 2  # Ray Train workers; 0 runs the loop in this process (Train's local mode)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False  # one GPU per worker, NCCL; otherwise gloo on CPU
+    max_failures: int = 0  # worker-group restarts, each resuming from the last checkpoint
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        _check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= 0, or -1")
+        _check(
+            not (self.use_gpu and self.num_workers == 0),
+            f"{prefix}.use_gpu",
+            self.use_gpu,
+            "false when num_workers is 0 (local mode runs on this process's device)",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillTrackingConfig(TrackingConfig):
+    register_model: str | None = None  # also register the student under this MLflow model name
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _check(self.register_model != "", f"{prefix}.register_model", self.register_model, "a name, or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    teachers: tuple[DistillTeacher, ...]
+    student: StudentConfig = StudentConfig()
+    distill: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    workers: WorkersConfig = WorkersConfig()
+    tracking: DistillTrackingConfig = DistillTrackingConfig(experiment="ray-aekd")
+    name: str = "distill"  # MLflow run name and the run folder under output_dir
+    output_dir: str = "runs/distill"
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        num = len(self.teachers)
+        _check(num >= 1, "teachers", [], "a list of at least one teacher")
+        names = [t.name for t in self.teachers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        _check(not duplicates, "teachers", duplicates, "unique teacher names (these repeat)")
+        _check(
+            num >= 2 or self.distill.strategy == "average",
+            "distill.strategy",
+            self.distill.strategy,
+            "average when there is a single teacher (weighting needs M >= 2)",
+        )
+        if self.distill.strategy == "aekd" and num >= 2:
+            _check(
+                1 / num - 1e-9 <= self.distill.tolerance <= 1,
+                "distill.tolerance",
+                self.distill.tolerance,
+                f"a number in [1/M, 1] = [{1 / num:.6g}, 1] for M = {num} teachers",
+            )
+        _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+
+#: ``preset: <name>`` at the top of a distillation config fills in these values; keys the
+#: config sets itself win. ``authors_cifar`` is the AE-KD authors' CIFAR-100 recipe.
+PRESETS: dict[str, dict[str, Any]] = {
+    "authors_cifar": {
+        "train": {
+            "epochs": 240,
+            "batch_size": 64,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "schedule": "multistep",
+            "milestones": [150, 180, 210],
+        },
+        "distill": {"temperature": 4.0, "tolerance": 0.6, "ce_weight": 1.0, "kd_weight": 0.9},
+        "data": {"augment": True},
+    }
+}
+
+
+def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``data["preset"]`` (a name in ``PRESETS``) under the config's own values."""
+    if "preset" not in data:
+        return data
+    data = dict(data)
+    name = data.pop("preset")
+    _check(name in PRESETS, "preset", name, ", ".join(PRESETS))
+    merged = {k: dict(v) for k, v in PRESETS[name].items()}
+    for key, value in data.items():
+        if key in merged and isinstance(value, dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Read ``path`` (YAML) and ``key=value`` overrides into a validated ``cls``."""
     data: Any = {}
@@ -195,6 +359,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         except yaml.YAMLError as error:
             raise ConfigError(f"--set {item!r}: the value is not plain YAML ({error}).") from None
         _set_dotted(data, key.strip().split("."), value)
+    if cls is DistillConfig:
+        data = apply_preset(data)
     return from_dict(cls, data)
 
 

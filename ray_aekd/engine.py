@@ -7,17 +7,26 @@ model is evaluated with ``evaluate``. The distributed layer calls these inside R
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ray_aekd.losses import distillation_loss
-from ray_aekd.weighting import GradientSpace, aekd_weights, strategy_tolerance
+from ray_aekd._checks import check_logits
+from ray_aekd.losses import HintRegressors, distillation_loss, hint_weights, mse_per_teacher
+from ray_aekd.models.registry import forward_with_feature
+from ray_aekd.weighting import (
+    GradientSpace,
+    check_finite_logits,
+    kd_logit_gradients,
+    min_norm_weights,
+    strategy_tolerance,
+    teacher_gram,
+)
 
-__all__ = ["DistillSettings", "classification_epoch", "distill_step", "evaluate", "make_optimizer"]
+__all__ = ["DistillSettings", "HintStudent", "classification_epoch", "distill_step", "evaluate", "make_optimizer"]
 
 
 def make_optimizer(
@@ -103,6 +112,9 @@ class DistillSettings:
         kd_weight: lambda, weight of the weighted KD sum.
         space: gradient space of the weighting, ``batch_mean`` or ``per_sample``.
         normalize: unit-normalise each teacher's gradient before the Gram.
+        hint_weight: beta, weight of the weighted FitNet hint sum (0: logits only). With
+            ``aekd``/``mgda`` the hint terms get their own AE-KD weights, solved in the
+            gradient space of the student's hint feature.
     """
 
     strategy: str = "aekd"
@@ -112,6 +124,28 @@ class DistillSettings:
     kd_weight: float = 0.9
     space: GradientSpace = "batch_mean"
     normalize: bool = False
+    hint_weight: float = 0.0
+
+
+class HintStudent(nn.Module):
+    """A student plus one hint regressor per teacher; ``forward`` returns
+    ``(logits [B, K], feature, regressed)`` so that DDP sees every parameter in one forward.
+
+    Args:
+        student: the student network.
+        hint_layer: name of the student submodule whose output is regressed onto the teachers'.
+        regressors: ``HintRegressors`` from that feature's channels to each teacher's.
+    """
+
+    def __init__(self, student: nn.Module, hint_layer: str, regressors: HintRegressors) -> None:
+        super().__init__()
+        self.student = student
+        self.hint_layer = hint_layer
+        self.regressors = regressors
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        logits, feature = forward_with_feature(self.student, images, self.hint_layer)
+        return logits, feature, self.regressors(feature)
 
 
 def distill_step(
@@ -123,42 +157,72 @@ def distill_step(
     settings: DistillSettings,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     step: int | None = None,
+    teacher_features: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One AE-KD step: student forward, per-teacher KD, teacher weights, one backward, update.
 
     Args:
-        student: the model being trained (may be wrapped in DDP).
+        student: the model being trained (may be wrapped in DDP). With hints, a ``HintStudent``
+            (or a DDP wrapping one).
         images: ``[B, ...]`` inputs; labels: ``[B]``.
         teacher_logits: ``[M, B, K]``, the teachers' logits for the same views.
-        optimizer: steps the student's parameters.
+        optimizer: steps the student's parameters (and the hint regressors').
         settings: strategy, tolerance, temperature and loss weights.
         reduce: all-reduce hook so that every worker computes the same weights.
         step: the global step, named in errors.
+        teacher_features: with ``settings.hint_weight > 0``, M tensors ``[B, ...]``, each
+            teacher's hint feature for the same views.
 
     Returns:
-        The named loss terms and weights (``loss``, ``ce``, ``kd``, ``kd/<i>``, ``weight/<i>``),
-        detached tensors: nothing is read back to the host here.
+        The named loss terms and weights (``loss``, ``ce``, ``kd``, ``kd/<i>``, ``weight/<i>``,
+        with hints ``hint``, ``hint/<i>``, ``hint_weight/<i>``) and ``gram``, the ``[M, M]`` Gram
+        of the teachers' gradients (all-reduced when ``reduce`` is given); detached tensors,
+        nothing is read back to the host here.
 
     Raises:
         ValueError: a teacher's (or the student's) logits hold NaN/Inf; the message names the
             teacher and the step.
     """
-    logits = student(images)
+    hinted = settings.hint_weight > 0
+    if hinted and teacher_features is None:
+        raise ValueError("settings.hint_weight > 0 needs teacher_features (one hint feature per teacher).")
+    output = student(images)
+    logits, feature, regressed = output if hinted else (output, None, None)
     num = teacher_logits.shape[0]
     cap = strategy_tolerance(settings.strategy, num, settings.tolerance)
+    check_logits(logits, teacher_logits)
+    try:
+        check_finite_logits(logits, teacher_logits)
+    except ValueError as error:
+        raise ValueError(f"{error.args[0]} (at step {step})" if step is not None else str(error)) from None
+    gradients = kd_logit_gradients(logits, teacher_logits, settings.temperature)
+    gram = teacher_gram(gradients, settings.space, settings.normalize, reduce)
     if settings.strategy == "average":
         weights = torch.full((num,), 1.0 / num, dtype=logits.dtype, device=logits.device)
     else:
-        try:
-            weights = aekd_weights(
-                logits, teacher_logits, settings.temperature, cap, settings.space, settings.normalize, reduce
-            )
-        except ValueError as error:
-            raise ValueError(f"{error.args[0]} (at step {step})" if step is not None else str(error)) from None
+        weights = min_norm_weights(gram, cap).detach()
+    hints = hint_alpha = None
+    if hinted:
+        assert feature is not None and regressed is not None and teacher_features is not None
+        hints = mse_per_teacher(regressed, teacher_features)
+        if settings.strategy == "average":
+            hint_alpha = torch.full_like(hints, 1.0 / num).detach()
+        else:
+            hint_alpha = hint_weights(hints, feature, cap, settings.space, settings.normalize, reduce)
     out = distillation_loss(
-        logits, teacher_logits, labels, weights, settings.temperature, settings.ce_weight, settings.kd_weight
+        logits,
+        teacher_logits,
+        labels,
+        weights,
+        settings.temperature,
+        settings.ce_weight,
+        settings.kd_weight,
+        hints=hints,
+        hint_teacher_weights=hint_alpha,
+        hint_weight=settings.hint_weight,
     )
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
+    out["gram"] = gram
     return {name: value.detach() for name, value in out.items()}

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ray_aekd._checks import check_logits, check_temperature
 from ray_aekd.weighting import GradientSpace, min_norm_weights, teacher_gram
 
-__all__ = ["HintRegressors", "distillation_loss", "hint_losses", "hint_weights", "kd_losses"]
+__all__ = ["HintRegressors", "distillation_loss", "hint_losses", "hint_weights", "kd_losses", "mse_per_teacher"]
 
 
 def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -148,7 +148,12 @@ def hint_losses(
     Returns:
         ``[M]``.
     """
-    regressed = regressors(student_feature)
+    return mse_per_teacher(regressors(student_feature), teacher_features)
+
+
+def mse_per_teacher(regressed: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[M]`` mean squared errors between each regressed student feature and its teacher's
+    feature (treated as constant); shapes must match pairwise."""
     if len(regressed) != len(teacher_features):
         raise ValueError(
             f"Got {len(teacher_features)} teacher features for {len(regressed)} hint regressors; they must match."

@@ -8,14 +8,21 @@ write to the same file).
 from __future__ import annotations
 
 import os
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "MLFLOW_URI_SCHEMES",
+    "RunLogger",
     "experiment_id",
+    "limit_mlflow_retries",
     "local_checkpoint_path",
     "resolve_tracking_uri",
 ]
@@ -49,3 +56,75 @@ def local_checkpoint_path(path: str, tracking_uri: str | None = None) -> str:
     import mlflow.artifacts
 
     return mlflow.artifacts.download_artifacts(artifact_uri=path, tracking_uri=resolve_tracking_uri(tracking_uri))
+
+
+class RunLogger:
+    """Logs to one existing MLflow run, and never stops training when MLflow is unreachable.
+
+    The first failed call prints one warning and turns MLflow logging off for the rest of the
+    process; the caller keeps its own copy of everything in the run folder (``metrics.jsonl``,
+    ``alpha/``, ``plots/``, ``student/``), which can be logged later.
+    """
+
+    def __init__(self, uri: str, run_id: str | None) -> None:
+        self.uri, self.run_id = uri, run_id
+        self._client = MlflowClient(uri) if run_id else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> None:
+        if self._client is None:
+            return
+        try:
+            fn()
+        except Exception as error:  # any MLflow/network failure: warn once, keep training
+            warnings.warn(
+                f"MLflow at {self.uri} failed while logging {what} ({type(error).__name__}: {error}); "
+                "training goes on and MLflow logging is off for this run; everything stays in the run folder.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._client = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        stamp = int(time.time() * 1000)
+        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        self._call("metrics", lambda: self._client.log_batch(self.run_id, metrics=batch))  # type: ignore[union-attr]
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self._call(
+            f"artifacts {local_dir}",
+            lambda: self._client.log_artifacts(self.run_id, local_dir, artifact_path),  # type: ignore[union-attr]
+        )
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._call(
+            f"artifact {local_path}",
+            lambda: self._client.log_artifact(self.run_id, local_path, artifact_path),  # type: ignore[union-attr]
+        )
+
+    def log_model(self, model: Any, name: str, registered_model_name: str | None = None) -> None:
+        def log() -> None:
+            import mlflow
+            import mlflow.pytorch
+            import torch
+
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    registered_model_name=registered_model_name,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                )
+
+        self._call("the model", log)
+
+
+def limit_mlflow_retries() -> None:
+    """Fail fast against an unreachable tracking server (MLflow retries HTTP calls for minutes
+    by default); the user's own settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

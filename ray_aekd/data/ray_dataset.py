@@ -42,10 +42,14 @@ class _RowLoader:
 
 
 def to_ray_dataset(
-    source: ImageSource, indices: Sequence[int] | np.ndarray | None = None, num_blocks: int | None = None
+    source: ImageSource,
+    indices: Sequence[int] | np.ndarray | None = None,
+    num_blocks: int | None = None,
+    num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """Rows ``index`` (int64), ``image`` (uint8 ``[C, H, W]``), ``label`` (int64) for
-    ``indices`` of ``source`` (all samples by default), in the given order."""
+    ``indices`` of ``source`` (all samples by default), in the given order; the loading
+    tasks each reserve ``num_cpus``."""
     ids = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     if ids.size == 0:
         raise ValueError("to_ray_dataset: no sample indices given (empty split?).")
@@ -53,4 +57,6 @@ def to_ray_dataset(
         raise ValueError(f"to_ray_dataset: indices must be in [0, {len(source)}); got {ids.min()}..{ids.max()}.")
     items = [{"index": int(i)} for i in ids]
     blocks = num_blocks or max(1, min(len(items) // 256, 64))
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(_RowLoader(source), batch_format="numpy")
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _RowLoader(source), batch_format="numpy", num_cpus=num_cpus
+    )

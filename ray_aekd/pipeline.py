@@ -1,0 +1,166 @@
+"""The distillation data pipeline on Ray Data: views, then one actor-pool stage per teacher.
+
+    source rows (index, image, label)
+      -> view: deterministic augmentation keyed by (seed, epoch, index)     (Ray tasks)
+      -> teacher 1 .. M: ``map_batches`` on an actor pool per teacher        (actors, num_gpus each)
+         adds ``logits/<teacher>`` (and ``feature/<teacher>`` for hints)
+      -> Ray Train workers (``streaming_split``) -> ``iter_torch_batches``
+
+Nothing is materialised: each pass over the dataset (each epoch) re-reads, re-augments and
+re-runs the teachers, block by block, so memory stays bounded whatever the dataset size.
+
+Which epoch a pass belongs to comes from a tiny ``ViewClock`` actor: rank 0 sets it before
+all workers start an epoch, and the view tasks read it. So the student and every teacher
+see the same pixels of a sample, and epoch e of a resumed run sees the views it would have
+seen without the restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+
+from ray_aekd.data.ray_dataset import to_ray_dataset
+from ray_aekd.data.sources import ImageSource
+from ray_aekd.data.views import augment, normalize
+from ray_aekd.models.checkpoint import load_checkpoint
+from ray_aekd.models.registry import forward_with_feature, model_spec
+
+__all__ = ["TeacherStage", "TeacherStageSpec", "ViewClock", "distill_dataset", "logits_column"]
+
+# Ray Data tasks (reading rows, augmenting) are light; asking for a whole CPU each would
+# starve the train workers and teacher actors on small machines.
+_TASK_CPUS = 0.25
+
+
+def logits_column(teacher: str) -> str:
+    return f"logits/{teacher}"
+
+
+def feature_column(teacher: str) -> str:
+    return f"feature/{teacher}"
+
+
+@ray.remote(num_cpus=0)
+class ViewClock:
+    """Which epoch (augmentation view) the pipeline is producing; set by rank 0."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+
+    def set(self, epoch: int) -> int:
+        self._epoch = epoch
+        return epoch
+
+    def get(self) -> int:
+        return self._epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherStageSpec:
+    """One teacher stage: the checkpoint and the actor pool that runs it."""
+
+    name: str
+    checkpoint: str  # a local folder or fsspec URL (MLflow URIs are resolved by the caller)
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    actors: int = 1
+    batch_size: int = 256
+    hint_layer: str | None = None  # also output this layer's activations as feature/<name>
+
+
+class TeacherStage:
+    """A frozen teacher on a Ray Data actor: uint8 images in, ``logits/<name>`` out.
+
+    The teacher normalises with its own checkpoint's statistics, runs in ``eval()`` under
+    ``torch.inference_mode()`` on its GPU if it was given one, and never enters DDP.
+    Shapes: ``image`` uint8 ``[B, C, H, W]`` -> ``logits/<name>`` float32 ``[B, K]``.
+    """
+
+    def __init__(self, spec: TeacherStageSpec) -> None:
+        self.spec = spec
+        self.device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        model, meta = load_checkpoint(spec.checkpoint, map_location=self.device)
+        self.model = model.to(self.device).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.mean, self.std = meta.mean, meta.std
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        x = normalize(images, self.mean, self.std)
+        with torch.inference_mode():
+            if self.spec.hint_layer is None:
+                logits = self.model(x)
+            else:
+                logits, feature = forward_with_feature(self.model, x, self.spec.hint_layer)
+                batch[feature_column(self.spec.name)] = feature.float().cpu().numpy()
+        batch[logits_column(self.spec.name)] = logits.float().cpu().numpy()
+        return batch
+
+
+def _apply_view(
+    batch: dict[str, np.ndarray], clock: Any, seed: int, pad: int, flip: bool
+) -> dict[str, np.ndarray]:
+    epoch = ray.get(clock.get.remote())
+    images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+    indices = torch.from_numpy(np.ascontiguousarray(batch["index"]))
+    batch["image"] = augment(images, indices, seed, epoch, pad=pad, flip=flip).numpy()
+    return batch
+
+
+def view_settings(source: ImageSource) -> tuple[int, bool]:
+    """Crop padding and whether to flip: 1 px and no flips for 8x8 digits, else 4 px and flips."""
+    return (1, False) if source.input_shape[1] <= 8 else (4, True)
+
+
+def teacher_hint_layer(architecture: str) -> str:
+    layer = model_spec(architecture).hint_layer
+    if layer is None:
+        raise ValueError(f"teacher model {architecture!r} has no default hint layer; hints need one.")
+    return layer
+
+
+def distill_dataset(
+    source: ImageSource,
+    indices: Sequence[int] | np.ndarray,
+    teachers: Sequence[TeacherStageSpec],
+    clock: Any = None,
+    seed: int = 0,
+) -> ray.data.Dataset:
+    """Rows ``index``, ``image`` (the view), ``label`` and one ``logits/<teacher>`` per teacher.
+
+    Args:
+        source: where images come from.
+        indices: the samples (e.g. the training split).
+        teachers: one actor-pool stage each, in order.
+        clock: a ``ViewClock``; with one, images are augmented per (seed, epoch, index);
+            without, they pass unchanged (validation).
+        seed: the augmentation seed.
+    """
+    dataset = to_ray_dataset(source, indices, num_cpus=_TASK_CPUS)
+    if clock is not None:
+        pad, flip = view_settings(source)
+        dataset = dataset.map_batches(
+            _apply_view,
+            fn_kwargs={"clock": clock, "seed": seed, "pad": pad, "flip": flip},
+            batch_format="numpy",
+            num_cpus=_TASK_CPUS,
+        )
+    for spec in teachers:
+        dataset = dataset.map_batches(
+            TeacherStage,
+            fn_constructor_kwargs={"spec": spec},
+            compute=ray.data.ActorPoolStrategy(size=spec.actors),
+            num_gpus=spec.num_gpus,
+            num_cpus=spec.num_cpus,
+            batch_size=spec.batch_size,
+            batch_format="numpy",
+        )
+    return dataset

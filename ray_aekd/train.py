@@ -1,0 +1,329 @@
+"""The per-worker training function of a distillation run (Ray Train, ``TorchTrainer``).
+
+Thin by design: config dict -> dataclasses -> build the student -> resume from
+``ray.train.get_checkpoint()`` if there is one -> per epoch: set the view clock, loop
+``engine.distill_step`` over the worker's shard, evaluate, report. The AE-KD weights are
+made identical on every worker by all-reducing the ``[M, K]`` gradient means (or the
+``[M, M]`` Gram) inside the step. Rank 0 alone writes the run folder and logs to MLflow.
+
+Run folder (``output_dir/<name>/``, shared storage on a multi-node cluster):
+``metrics.jsonl`` (one line per epoch), ``alpha/rank<r>.csv`` (per-step weights, written by
+every rank so that anyone can check they agree), ``cosine.json``, ``plots/``, ``student/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ray_aekd.config import DistillConfig, flatten, from_dict
+from ray_aekd.data.views import normalize
+from ray_aekd.engine import DistillSettings, HintStudent, distill_step, make_optimizer
+from ray_aekd.losses import HintRegressors
+from ray_aekd.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
+from ray_aekd.models import build_model
+from ray_aekd.models.checkpoint import CheckpointMetadata, save_checkpoint
+from ray_aekd.pipeline import feature_column, logits_column
+from ray_aekd.plots import plot_cosine_matrix, plot_weights
+from ray_aekd.tracking import RunLogger, limit_mlflow_retries
+
+__all__ = ["STATE_FILE", "train_loop"]
+
+STATE_FILE = "state.pt"
+
+
+def _world() -> tuple[int, int]:
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _build_student(config: DistillConfig, info: dict[str, Any]) -> nn.Module:
+    student = build_model(config.student.model, info["num_classes"], in_channels=info["input_shape"][0])
+    if config.distill.hint_weight == 0:
+        return student
+    regressors = HintRegressors(info["student_hint_channels"], info["teacher_hint_channels"])
+    return HintStudent(student, info["student_hint_layer"], regressors)
+
+
+def _plain_student(model: nn.Module) -> nn.Module:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return inner.student if isinstance(inner, HintStudent) else inner
+
+
+def _truncate_csv(path: Path, keep_before_epoch: int) -> None:
+    """Drop the rows of epochs >= ``keep_before_epoch`` (written after the last checkpoint)."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [r for r in rows[1:] if int(r[1]) < keep_before_epoch]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def _truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= keep_before_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function. ``loop_config``: ``config`` (the resolved DistillConfig as
+    plain data), ``info`` (data and model facts measured by the driver), ``run_dir``,
+    ``clock`` (a ViewClock or None), ``tracking_uri``, ``mlflow_run_id``."""
+    limit_mlflow_retries()
+    config = from_dict(DistillConfig, loop_config["config"])
+    info = loop_config["info"]
+    run_dir = Path(loop_config["run_dir"])
+    clock = loop_config["clock"]
+    names = [t.name for t in config.teachers]
+    num_teachers = len(names)
+    rank, world = _world()
+    device = ray.train.torch.get_device()
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"] if rank == 0 else None)
+
+    torch.manual_seed(config.seed)  # same initial student on every worker
+    model = ray.train.torch.prepare_model(_build_student(config, info))
+    train = config.train
+    optimizer, scheduler = make_optimizer(
+        model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones
+    )
+    start_epoch, step = 0, 0
+    cosine_sum = torch.zeros(num_teachers, num_teachers, dtype=torch.float64)
+    cosine_steps = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        _plain_student(model).load_state_dict(state["student"])
+        if "regressors" in state:
+            inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            inner.regressors.load_state_dict(state["regressors"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        cosine_sum, cosine_steps = state["cosine_sum"], int(state["cosine_steps"])
+        torch.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"[ray-aekd] resuming {config.name} from its checkpoint after epoch {start_epoch}", flush=True)
+
+    alpha_path = run_dir / "alpha" / f"rank{rank}.csv"
+    metrics_path = run_dir / "metrics.jsonl"
+    alpha_path.parent.mkdir(parents=True, exist_ok=True)
+    if start_epoch == 0:
+        alpha_path.unlink(missing_ok=True)
+        if rank == 0:
+            metrics_path.unlink(missing_ok=True)
+    else:
+        _truncate_csv(alpha_path, start_epoch)
+        if rank == 0:
+            _truncate_jsonl(metrics_path, start_epoch)
+    if not alpha_path.exists():
+        alpha_path.write_text(",".join(["step", "epoch", *names]) + "\n")
+
+    settings = DistillSettings(
+        strategy=config.distill.strategy,
+        tolerance=config.distill.tolerance,
+        temperature=config.distill.temperature,
+        ce_weight=config.distill.ce_weight,
+        kd_weight=config.distill.kd_weight,
+        space=config.distill.space,  # type: ignore[arg-type]
+        normalize=config.distill.normalize,
+        hint_weight=config.distill.hint_weight,
+    )
+    reduce = _all_reduce_mean if world > 1 else None
+    hinted = settings.hint_weight > 0
+    mean, std = tuple(info["mean"]), tuple(info["std"])
+    batch_size = train.batch_size // max(1, config.workers.num_workers)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, train.epochs):
+        started = time.perf_counter()
+        if rank == 0 and clock is not None:
+            ray.get(clock.set.remote(epoch))
+        _barrier()  # nobody reads epoch e's views before the clock says e
+        model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, loss, ce, kd (and hint)
+        hint_sum = torch.zeros((), dtype=torch.float64, device=device)
+        weights, grams = [], []
+        batches = train_shard.iter_torch_batches(
+            batch_size=batch_size,
+            device=device,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=config.seed * 1000 + epoch,
+        )
+        for batch in batches:
+            images = normalize(batch["image"], mean, std)
+            labels = batch["label"]
+            teacher_logits = torch.stack([batch[logits_column(n)] for n in names])
+            features = [batch[feature_column(n)] for n in names] if hinted else None
+            out = distill_step(model, images, labels, teacher_logits, optimizer, settings, reduce, step, features)
+            count = labels.shape[0]
+            sums += torch.stack([torch.tensor(count, device=device), out["loss"] * count, out["ce"] * count,
+                                 out["kd"] * count]).double()  # fmt: skip
+            if hinted:
+                hint_sum += out["hint"].double() * count
+            weights.append(torch.stack([out[f"weight/{m}"] for m in range(num_teachers)]))
+            grams.append(out["gram"])
+            step += 1
+        if not weights:
+            raise ValueError(
+                f"epoch {epoch}: worker {rank} got no full batch of {batch_size} samples; lower train.batch_size "
+                "or use fewer workers."
+            )
+        scheduler.step()
+        sums = _all_reduce_sum(sums)
+        hint_sum = _all_reduce_sum(hint_sum)
+        alpha = torch.stack(weights).double().cpu()  # [S, M], one host read per epoch
+        gram = torch.stack(grams).double().cpu()  # [S, M, M]
+        diag = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
+        cosine_sum += (gram / (diag[:, :, None] * diag[:, None, :])).sum(0)
+        cosine_steps += len(grams)
+        train_seconds = time.perf_counter() - started
+        if not torch.isfinite(sums).all():
+            raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({sums.tolist()}).")
+
+        val_sums = torch.zeros(SUMS_LENGTH, dtype=torch.float64, device=device)
+        model.eval()
+        student = _plain_student(model)
+        with torch.inference_mode():
+            for batch in val_shard.iter_torch_batches(batch_size=512, device=device):
+                logits = student(normalize(batch["image"], mean, std))
+                teacher_logits = torch.stack([batch[logits_column(n)] for n in names])
+                val_sums += validation_sums(logits, batch["label"], ensemble_probabilities(teacher_logits))
+        metrics: dict[str, Any] = validation_metrics(_all_reduce_sum(val_sums))
+        samples = float(sums[0])
+        metrics |= {
+            "train/loss": float(sums[1]) / samples,
+            "train/ce": float(sums[2]) / samples,
+            "train/kd": float(sums[3]) / samples,
+        }
+        if hinted:
+            metrics["train/hint"] = float(hint_sum) / samples
+        metrics |= {f"weights/{name}": float(alpha[:, m].mean()) for m, name in enumerate(names)}
+        metrics |= {
+            "lr": optimizer.param_groups[0]["lr"],
+            "train/samples_per_second": samples / train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+
+        with alpha_path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            first = step - len(alpha)
+            for i, row in enumerate(alpha.tolist()):
+                writer.writerow([first + i, epoch, *(f"{w:.8g}" for w in row)])
+        report_checkpoint = None
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+                state = {
+                    "student": student.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "cosine_sum": cosine_sum,
+                    "cosine_steps": cosine_steps,
+                    "rng": torch.get_rng_state(),
+                }
+                if isinstance(inner, HintStudent):
+                    state["regressors"] = inner.regressors.state_dict()
+                torch.save(state, Path(folder) / STATE_FILE)
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({"epoch": epoch + 1, "step": step, **metrics}) + "\n")
+                logger.log_metrics({k: v for k, v in metrics.items()}, step=epoch + 1)
+                print(_progress_line(config, epoch, metrics), flush=True)
+            ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
+
+    if rank == 0:
+        _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger)
+    _barrier()
+
+
+def _progress_line(config: DistillConfig, epoch: int, metrics: dict[str, Any]) -> str:
+    weights = " ".join(f"{k.split('/', 1)[1]}={v:.2f}" for k, v in metrics.items() if k.startswith("weights/"))
+    return (
+        f"[ray-aekd] {config.name} epoch {epoch + 1}/{config.train.epochs}  "
+        f"train/loss {metrics['train/loss']:.4f}  val/acc1 {metrics['val/acc1']:.4f}  "
+        f"val/agreement {metrics['val/agreement']:.4f}  val/ece {metrics['val/ece']:.4f}  "
+        f"α {weights}  {metrics['train/samples_per_second']:.0f} samples/s  {metrics['epoch_seconds']:.1f}s"
+    )
+
+
+def _finish(
+    config: DistillConfig,
+    info: dict[str, Any],
+    model: nn.Module,
+    run_dir: Path,
+    cosine: torch.Tensor,
+    logger: RunLogger,
+) -> None:
+    """Rank 0, after the last epoch: export the student, write the plots, log artifacts."""
+    names = [t.name for t in config.teachers]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = {k: v for k, v in lines[-1].items() if k.startswith("val/")} if lines else {}
+    student = _plain_student(model)
+    save_checkpoint(
+        str(run_dir / "student"),
+        student.cpu(),
+        CheckpointMetadata(
+            architecture=config.student.model,
+            num_classes=info["num_classes"],
+            input_shape=tuple(info["input_shape"]),
+            mean=tuple(info["mean"]),
+            std=tuple(info["std"]),
+            dataset=config.data.dataset,
+            class_names=tuple(info["class_names"]),
+            seed=config.seed,
+            metrics=final,
+        ),
+    )
+    (run_dir / "cosine.json").write_text(json.dumps({"teachers": names, "cosine": cosine.tolist()}, indent=2))
+    with (run_dir / "alpha" / "rank0.csv").open() as f:
+        table = np.array([[float(x) for x in row] for row in list(csv.reader(f))[1:]])
+    if len(table):
+        title = f"{config.name}: {config.distill.strategy}, C = {config.distill.tolerance:g}"
+        plot_weights(table[:, 0], table[:, 2:], names, run_dir / "plots" / "weights.png", title)
+    plot_cosine_matrix(cosine.numpy(), names, run_dir / "plots" / "cosine.png")
+    (run_dir / "config.json").write_text(json.dumps(flatten(config), indent=2))
+    logger.log_artifacts(str(run_dir / "plots"), "plots")
+    logger.log_artifacts(str(run_dir / "alpha"), "alpha")
+    logger.log_artifacts(str(run_dir / "student"), "checkpoint")
+    for name in ("metrics.jsonl", "cosine.json", "config.json"):
+        logger.log_artifact(str(run_dir / name))
+    logger.log_model(student.eval(), "student", config.tracking.register_model)
