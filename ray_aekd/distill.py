@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -38,11 +37,12 @@ from ray_aekd.data import normalize, open_source, split_indices
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.models import build_model, forward_with_feature, model_spec
 from ray_aekd.models.checkpoint import CheckpointError, read_metadata
+from ray_aekd.session import connect
 from ray_aekd.pipeline import TeacherStageSpec, ViewClock, distill_dataset, logits_column, teacher_hint_layer
 from ray_aekd.tracking import MLFLOW_URI_SCHEMES, experiment_id, limit_mlflow_retries, resolve_tracking_uri
 from ray_aekd.train import train_loop
 
-__all__ = ["DistillResult", "connect", "distill", "format_result"]
+__all__ = ["DistillResult", "distill", "format_result"]
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -58,30 +58,6 @@ class DistillResult:
     ensemble_acc1: float
     student_checkpoint: str
     seconds: float
-
-
-def connect(num_cpus: float, num_gpus: float, what: str) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (as ``ray job submit`` sets it) or start a
-    local Ray, then refuse, before anything is scheduled, a run that cannot fit on it."""
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # Ray's CPU count is a scheduling budget: give a laptop enough logical CPUs for the
-            # workers, teacher actors and data tasks of this run to be scheduled together.
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus) + 1))
-    total = ray.cluster_resources()
-    if num_gpus > total.get("GPU", 0):
-        raise ValueError(
-            f"{what} need {num_gpus:g} GPU(s) in all, but this Ray cluster has {total.get('GPU', 0):g}; "
-            "lower teachers.<i>.num_gpus (fractions share a GPU), or set them and workers.use_gpu to 0/false for CPU."
-        )
-    if num_cpus > total.get("CPU", 0):
-        raise ValueError(
-            f"{what} need {num_cpus:g} CPU(s) in all, but this Ray cluster has {total.get('CPU', 0):g}; "
-            "lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors."
-        )
 
 
 def _resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
@@ -261,8 +237,12 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     teacher_cpus = sum(t.num_cpus * t.actors for t in config.teachers)
     cpus = teacher_cpus + max(1, workers.num_workers) * workers.cpus_per_worker + 0.5
     gpus = sum(t.num_gpus * t.actors for t in config.teachers) + (workers.num_workers if workers.use_gpu else 0)
-    connect(cpus, gpus, f"{len(config.teachers)} teacher pool(s) and {max(1, workers.num_workers)} train worker(s)")
+    what = f"{len(config.teachers)} teacher pool(s) and {max(1, workers.num_workers)} train worker(s)"
+    connect(cpus, gpus, what, hint="lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors")
     run_dir.mkdir(parents=True, exist_ok=True)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one progress line per epoch comes from rank 0
+    context.print_on_execution_start = False
 
     names = [t.name for t in config.teachers]
     stages = _stage_specs(config)
@@ -306,12 +286,17 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": train, "val": val},
+        # the training stream is split evenly across workers; every worker reads all of the
+        # validation set and scores its own share of it (see train_loop), so no sample is dropped
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     status = "FAILED"
     try:
         trainer.fit()
         status = "FINISHED"
     finally:
+        if clock is not None:
+            ray.kill(clock)
         if run_id:
             try:
                 MlflowClient(uri).set_terminated(run_id, status)

@@ -93,7 +93,7 @@ class TeacherStage:
         self.mean, self.std = meta.mean, meta.std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        images = torch.from_numpy(np.array(batch["image"])).to(self.device)
         x = normalize(images, self.mean, self.std)
         with torch.inference_mode():
             if self.spec.hint_layer is None:
@@ -109,8 +109,8 @@ def _apply_view(
     batch: dict[str, np.ndarray], clock: Any, seed: int, pad: int, flip: bool
 ) -> dict[str, np.ndarray]:
     epoch = ray.get(clock.get.remote())
-    images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
-    indices = torch.from_numpy(np.ascontiguousarray(batch["index"]))
+    images = torch.from_numpy(np.array(batch["image"]))  # Ray hands read-only arrays: copy
+    indices = torch.from_numpy(np.array(batch["index"]))
     batch["image"] = augment(images, indices, seed, epoch, pad=pad, flip=flip).numpy()
     return batch
 

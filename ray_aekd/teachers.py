@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from ray_aekd.data.sources import ImageSource, TensorSource
 from ray_aekd.engine import classification_epoch, evaluate, make_optimizer
 from ray_aekd.models import build_model
 from ray_aekd.models.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
+from ray_aekd.session import connect
 from ray_aekd.tune_logging import MlflowTrialLogger
 
 __all__ = ["TeacherData", "load_split", "train_teachers"]
@@ -264,17 +264,12 @@ def _check_teachers_fit(config: TeachersConfig, source: ImageSource) -> None:
 
 def _check_cluster(config: TeachersConfig) -> None:
     """Refuse, before anything is scheduled, resources that this Ray cluster does not have."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-    total = ray.cluster_resources()
     res = config.resources
-    if res.gpus_per_teacher > total.get("GPU", 0):
-        raise ValueError(
-            f"resources.gpus_per_teacher = {res.gpus_per_teacher}, but this Ray cluster has "
-            f"{total.get('GPU', 0):g} GPU(s); lower it (fractions share a GPU) or set it to 0 for CPU."
-        )
-    if res.cpus_per_teacher > total.get("CPU", 0):
-        raise ValueError(
-            f"resources.cpus_per_teacher = {res.cpus_per_teacher}, but this Ray cluster has "
-            f"{total.get('CPU', 0):g} CPU(s)."
-        )
+    connect(
+        res.cpus_per_teacher,
+        res.gpus_per_teacher,
+        f"resources.gpus_per_teacher = {res.gpus_per_teacher:g} and resources.cpus_per_teacher = "
+        f"{res.cpus_per_teacher:g}: each teacher would",
+        "lower them (fractional GPUs share one), or set gpus_per_teacher to 0 for CPU",
+        local_cpus=res.cpus_per_teacher * len(config.teachers),
+    )

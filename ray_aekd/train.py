@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -137,7 +138,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         cosine_sum, cosine_steps = state["cosine_sum"], int(state["cosine_steps"])
         torch.set_rng_state(state["rng"])
         if rank == 0:
-            print(f"[ray-aekd] resuming {config.name} from its checkpoint after epoch {start_epoch}", flush=True)
+            _say(f"[ray-aekd] resuming {config.name} from its checkpoint after epoch {start_epoch}")
 
     alpha_path = run_dir / "alpha" / f"rank{rank}.csv"
     metrics_path = run_dir / "metrics.jsonl"
@@ -221,10 +222,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.eval()
         student = _plain_student(model)
         with torch.inference_mode():
+            # every worker sees the whole (small, materialised) validation set and scores the
+            # samples with index % world == rank, so that none is dropped or counted twice
             for batch in val_shard.iter_torch_batches(batch_size=512, device=device):
-                logits = student(normalize(batch["image"], mean, std))
-                teacher_logits = torch.stack([batch[logits_column(n)] for n in names])
-                val_sums += validation_sums(logits, batch["label"], ensemble_probabilities(teacher_logits))
+                mine = batch["index"] % world == rank
+                logits = student(normalize(batch["image"][mine], mean, std))
+                teacher_logits = torch.stack([batch[logits_column(n)][mine] for n in names])
+                val_sums += validation_sums(logits, batch["label"][mine], ensemble_probabilities(teacher_logits))
         metrics: dict[str, Any] = validation_metrics(_all_reduce_sum(val_sums))
         samples = float(sums[0])
         metrics |= {
@@ -267,12 +271,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"epoch": epoch + 1, "step": step, **metrics}) + "\n")
                 logger.log_metrics({k: v for k, v in metrics.items()}, step=epoch + 1)
-                print(_progress_line(config, epoch, metrics), flush=True)
+                _say(_progress_line(config, epoch, metrics))
             ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
 
     if rank == 0:
         _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger)
     _barrier()
+
+
+def _say(line: str) -> None:
+    # Ray Train workers echo print() twice on the driver's console; the raw stream once.
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def _progress_line(config: DistillConfig, epoch: int, metrics: dict[str, Any]) -> str:

@@ -118,3 +118,65 @@ def test_non_finite_teacher_stops_with_the_teacher_and_the_step():
         distill_step(
             student, torch.randn(8, 4), torch.zeros(8, dtype=torch.long), t, optimizer, DistillSettings(), step=7
         )
+
+
+def test_identical_teachers_give_the_same_update_under_every_strategy(digits, teachers):
+    """With M copies of one teacher, every convex combination is that teacher: average, AE-KD
+    and MGDA must move the student identically; and the teachers' logits are left untouched."""
+    x, y, _, _ = digits
+    same = teachers[:1, :64].expand(3, -1, -1).clone()
+    frozen = same.clone()
+    states = {}
+    for strategy in ("average", "aekd", "mgda"):
+        torch.manual_seed(0)
+        student = build_model("digits_cnn", 10, in_channels=1)
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            distill_step(student, x[:64], y[:64], same, optimizer, DistillSettings(strategy=strategy, tolerance=0.5))
+        states[strategy] = student.state_dict()
+        assert any(not torch.equal(before[k], v) for k, v in states[strategy].items())  # the student moved
+    assert torch.equal(same, frozen)
+    for strategy in ("aekd", "mgda"):
+        for key, value in states["average"].items():
+            torch.testing.assert_close(states[strategy][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_hint_level_aekd_step(digits, teachers):
+    """Hints: the student and its per-teacher regressors learn, hint terms get their own AE-KD
+    weights within [0, C] summing to 1."""
+    from ray_aekd.engine import HintStudent
+    from ray_aekd.losses import HintRegressors
+
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    student = HintStudent(build_model("digits_mlp", 10, in_channels=1), "body", HintRegressors(128, [16, 16, 16]))
+    features = [torch.randn(64, 16, generator=torch.Generator().manual_seed(m)) for m in range(3)]
+    regressor_before = student.regressors.regressors[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
+    settings = DistillSettings(strategy="aekd", tolerance=0.5, hint_weight=0.5)
+    first = distill_step(student, x[:64], y[:64], teachers[:, :64], optimizer, settings, teacher_features=features)
+    for _ in range(20):
+        out = distill_step(student, x[:64], y[:64], teachers[:, :64], optimizer, settings, teacher_features=features)
+    alpha = torch.stack([out[f"hint_weight/{m}"] for m in range(3)])
+    assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-6) and float(alpha.max()) <= 0.5 + 1e-6
+    assert float(out["hint"]) < float(first["hint"])
+    assert not torch.equal(student.regressors.regressors[0].weight, regressor_before)
+    with pytest.raises(ValueError, match="needs teacher_features"):
+        distill_step(student, x[:64], y[:64], teachers[:, :64], optimizer, settings)
+
+
+def test_validation_metrics_from_sums():
+    from ray_aekd.metrics import validation_metrics, validation_sums
+
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [4.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    ensemble = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
+    halves = validation_sums(logits[:2], labels[:2], ensemble[:2]) + validation_sums(logits[2:], labels[2:], ensemble[2:])
+    metrics = validation_metrics(halves)
+    whole = validation_metrics(validation_sums(logits, labels, ensemble))
+    assert metrics == pytest.approx(whole)  # sums add up across batches (and workers)
+    confidence = float(logits.softmax(-1).max(-1).values[0])
+    assert metrics["val/acc1"] == 0.5 and metrics["val/acc5"] == 1.0 and metrics["val/agreement"] == 0.75
+    assert metrics["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))
+    assert metrics["val/ece"] == pytest.approx(abs(confidence - 0.5))  # all four in one bin, half right
