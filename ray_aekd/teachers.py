@@ -29,6 +29,7 @@ from ray_aekd.data.sources import ImageSource, TensorSource
 from ray_aekd.engine import classification_epoch, evaluate, make_optimizer
 from ray_aekd.models import build_model
 from ray_aekd.models.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
+from ray_aekd.pipeline import view_settings
 from ray_aekd.session import connect
 from ray_aekd.tune_logging import MlflowTrialLogger
 
@@ -75,11 +76,6 @@ def teacher_data(config: TeachersConfig, spec: TeacherSpec) -> TeacherData:
     return TeacherData(train_images, train, labels, val_images, val_labels, source)
 
 
-def augmentation(source: ImageSource) -> tuple[int, bool]:
-    """Crop padding and whether to flip: 1 px and no flips for 8x8 digits, else 4 px and flips."""
-    return (1, False) if source.input_shape[1] <= 8 else (4, True)
-
-
 def _train_one(trial_config: dict[str, Any]) -> None:
     """Tune trainable: train teacher ``trial_config["teacher"]`` and save its checkpoint."""
     config = from_dict(TeachersConfig, trial_config["config"])
@@ -89,7 +85,7 @@ def _train_one(trial_config: dict[str, Any]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
     data = teacher_data(config, spec)
     source = data.source
-    pad, flip = augmentation(source)
+    pad, flip = view_settings(source)
     model = build_model(spec.model, source.num_classes, in_channels=source.input_shape[0]).to(device)
     train = config.train
     optimizer, scheduler = make_optimizer(
