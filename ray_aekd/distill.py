@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +36,8 @@ from ray_aekd.data import normalize, open_source, split_indices
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.models import build_model, forward_with_feature, model_spec
 from ray_aekd.models.checkpoint import CheckpointError, read_metadata
-from ray_aekd.session import connect
 from ray_aekd.pipeline import TeacherStageSpec, ViewClock, distill_dataset, logits_column, teacher_hint_layer
+from ray_aekd.session import connect
 from ray_aekd.tracking import MLFLOW_URI_SCHEMES, experiment_id, limit_mlflow_retries, resolve_tracking_uri
 from ray_aekd.train import train_loop
 
@@ -230,7 +229,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     limit_mlflow_retries()
     run_dir = Path(config.output_dir).resolve() / config.name
     config = _resolve_paths(config, run_dir)
-    source = open_source(config.data.dataset, config.data.path, download=config.data.download, size=config.data.image_size)
+    source = open_source(
+        config.data.dataset, config.data.path, download=config.data.download, size=config.data.image_size
+    )
     train_idx, val_idx = split_indices(len(source), config.data.val_fraction, config.seed)
     info = _check_run(config, source, len(train_idx))
     workers = config.workers

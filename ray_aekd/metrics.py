@@ -31,9 +31,7 @@ def ensemble_probabilities(teacher_logits: torch.Tensor) -> torch.Tensor:
     return teacher_logits.float().softmax(-1).mean(0)
 
 
-def validation_sums(
-    logits: torch.Tensor, labels: torch.Tensor, ensemble: torch.Tensor | None = None
-) -> torch.Tensor:
+def validation_sums(logits: torch.Tensor, labels: torch.Tensor, ensemble: torch.Tensor | None = None) -> torch.Tensor:
     """Sums for one batch.
 
     Args:

@@ -105,9 +105,7 @@ class TeacherStage:
         return batch
 
 
-def _apply_view(
-    batch: dict[str, np.ndarray], clock: Any, seed: int, pad: int, flip: bool
-) -> dict[str, np.ndarray]:
+def _apply_view(batch: dict[str, np.ndarray], clock: Any, seed: int, pad: int, flip: bool) -> dict[str, np.ndarray]:
     epoch = ray.get(clock.get.remote())
     images = torch.from_numpy(np.array(batch["image"]))  # Ray hands read-only arrays: copy
     indices = torch.from_numpy(np.array(batch["index"]))

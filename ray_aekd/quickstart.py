@@ -139,9 +139,8 @@ def format_quickstart(result: QuickstartResult) -> str:
     for strategy, student in result.students.items():
         m = student.metrics
         weights = "  ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("weights/"))
-        lines.append(
-            f"{'student, ' + strategy:<24}{m['val/acc1']:>9.4f}{m['val/agreement']:>11.4f}{m['val/ece']:>9.4f}  {weights}"
-        )
+        label = f"student, {strategy}"
+        lines.append(f"{label:<24}{m['val/acc1']:>9.4f}{m['val/agreement']:>11.4f}{m['val/ece']:>9.4f}  {weights}")
     lines.append(
         f"{result.seconds:.0f} s in all. MLflow experiment {EXPERIMENT!r}: "
         "mlflow ui --backend-store-uri sqlite:///mlflow.db"

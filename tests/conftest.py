@@ -46,7 +46,7 @@ def digits_teachers(tmp_path_factory):
         torch.manual_seed(m)
         model = build_model(arch, 10, in_channels=1)
         optimizer, _ = make_optimizer(model, 0.05, 0.9, 5e-4, "constant", epochs=4)
-        for epoch in range(4):
+        for _ in range(4):
             order = torch.randperm(len(y), generator=gen)
             classification_epoch(model, ((x[order[i : i + 64]], y[order[i : i + 64]]) for i in range(0, len(y), 64)),
                                  optimizer)  # fmt: skip

@@ -59,7 +59,11 @@ def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers,
         assert name in run.data.metrics, name
     weights = sum(run.data.metrics[f"weights/{n}"] for n in ("cnn_a", "cnn_b", "mlp_c"))
     assert weights == pytest.approx(1.0, abs=1e-6)
-    artifacts = {a.path for folder in ("", "plots", "alpha", "checkpoint") for a in client.list_artifacts(run.info.run_id, folder)}
+    artifacts = {
+        a.path
+        for folder in ("", "plots", "alpha", "checkpoint")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
     assert {"plots/weights.png", "plots/cosine.png", "alpha/rank0.csv", "checkpoint/weights.pt", "cosine.json",
             "metrics.jsonl", "config.json"} <= artifacts  # fmt: skip
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
@@ -114,8 +118,14 @@ def test_quickstart_smoke(local_ray, tmp_path, monkeypatch):
 def test_distill_bad_input_is_one_line_before_ray(digits_teachers, tmp_path):
     base = ["distill", "--config", str(SMOKE), *[f"--set={s}" for s in teacher_overrides(digits_teachers)]]
     cases = [
-        (["--set", "distill.tolerance=0.2"], "distill.tolerance: got 0.2; allowed: a number in [1/M, 1] = [0.333333, 1]"),
-        (["--set", "train.batch_size=127"], "train.batch_size: got 127; allowed: a multiple of workers.num_workers = 2"),
+        (
+            ["--set", "distill.tolerance=0.2"],
+            "distill.tolerance: got 0.2; allowed: a number in [1/M, 1] = [0.333333, 1]",
+        ),
+        (
+            ["--set", "train.batch_size=127"],
+            "train.batch_size: got 127; allowed: a multiple of workers.num_workers = 2",
+        ),
         (["--set", "teachers.1.checkpoint=/nonexistent"], "teachers.1.checkpoint: /nonexistent is not a ray_aekd"),
         (["--set", "distill.strategy=best"], "distill.strategy: got 'best'; allowed: average, aekd, mgda"),
         (["--set", "student.model=resnet9000"], "student.model: Unknown model 'resnet9000'"),
@@ -134,8 +144,9 @@ def test_teacher_that_does_not_fit_the_data_is_refused(digits_teachers, tmp_path
     save_checkpoint(
         str(tmp_path / "wide"),
         build_model("digits_mlp", 12, in_channels=1),
-        CheckpointMetadata(architecture="digits_mlp", num_classes=12, input_shape=(1, 8, 8), mean=(0.3,),
-                           std=(0.4,), dataset="digits"),  # fmt: skip
+        CheckpointMetadata(
+            architecture="digits_mlp", num_classes=12, input_shape=(1, 8, 8), mean=(0.3,), std=(0.4,), dataset="digits"
+        ),  # fmt: skip
     )
     config = smoke_config(digits_teachers, tmp_path, f"teachers.2.checkpoint={tmp_path / 'wide'}")
     with pytest.raises(ValueError, match=r"teachers.2.checkpoint: 'mlp_c' was trained for 12 classes"):

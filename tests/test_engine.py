@@ -172,7 +172,9 @@ def test_validation_metrics_from_sums():
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [4.0, 0.0, 0.0]])
     labels = torch.tensor([0, 1, 0, 1])
     ensemble = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
-    halves = validation_sums(logits[:2], labels[:2], ensemble[:2]) + validation_sums(logits[2:], labels[2:], ensemble[2:])
+    halves = validation_sums(logits[:2], labels[:2], ensemble[:2]) + validation_sums(
+        logits[2:], labels[2:], ensemble[2:]
+    )
     metrics = validation_metrics(halves)
     whole = validation_metrics(validation_sums(logits, labels, ensemble))
     assert metrics == pytest.approx(whole)  # sums add up across batches (and workers)

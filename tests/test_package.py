@@ -20,7 +20,7 @@ RAY_AEKD = shutil.which("ray-aekd", path=str(Path(sys.executable).parent)) or "r
 
 def test_core_maths_and_engine_import_neither_ray_nor_mlflow():
     code = (
-        "import sys, ray_aekd.weighting, ray_aekd.losses, ray_aekd.models, ray_aekd.engine; "
+        "import sys, ray_aekd.weighting, ray_aekd.losses, ray_aekd.models, ray_aekd.engine, ray_aekd.metrics; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
