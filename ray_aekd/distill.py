@@ -285,6 +285,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
             storage_path=str(Path(config.output_dir) / "_train"),
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Train's per-report INFO lines repeat every metric; the epoch line from rank 0 says it once
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train, "val": val},
         # the training stream is split evenly across workers; every worker reads all of the

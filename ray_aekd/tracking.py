@@ -105,7 +105,10 @@ class RunLogger:
             lambda: self._client.log_artifact(self.run_id, local_path, artifact_path),  # type: ignore[union-attr]
         )
 
-    def log_model(self, model: Any, name: str, registered_model_name: str | None = None) -> None:
+    def log_model(self, model: Any, name: str, input_example: Any, registered_model_name: str | None = None) -> None:
+        """Log ``model`` as an MLflow PyTorch model (MLflow 3's default ``pt2`` format, a
+        ``torch.export`` graph traced on ``input_example``: no pickled Python objects)."""
+
         def log() -> None:
             import mlflow
             import mlflow.pytorch
@@ -117,6 +120,7 @@ class RunLogger:
                     model,
                     name=name,
                     registered_model_name=registered_model_name,
+                    input_example=input_example,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 )
 

@@ -274,7 +274,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 _say(_progress_line(config, epoch, metrics))
             ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
 
-    if rank == 0:
+    finished_before = start_epoch >= train.epochs and (run_dir / "student" / "weights.pt").exists()
+    if rank == 0 and not finished_before:
         _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger)
     _barrier()
 
@@ -337,4 +338,5 @@ def _finish(
     logger.log_artifacts(str(run_dir / "student"), "checkpoint")
     for name in ("metrics.jsonl", "cosine.json", "config.json"):
         logger.log_artifact(str(run_dir / name))
-    logger.log_model(student.eval(), "student", config.tracking.register_model)
+    example = np.zeros((2, *info["input_shape"]), dtype=np.float32)
+    logger.log_model(student.eval(), "student", example, config.tracking.register_model)

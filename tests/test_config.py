@@ -83,3 +83,19 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(TeachersConfig, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config(TeachersConfig, write(tmp_path, GOOD_TEACHERS), ["train.epochs"])
+
+
+def test_distill_preset_fills_what_the_config_leaves_out():
+    from ray_aekd.config import DistillConfig
+
+    teachers = "teachers=[{name: a, checkpoint: x}, {name: b, checkpoint: y}]"
+    config = load_config(
+        DistillConfig, None, [teachers, "preset=authors_cifar", "train.epochs=20", "train.milestones=[5]"]
+    )
+    assert config.train.epochs == 20 and config.train.milestones == (5,)  # the config's own keys win
+    assert (config.train.schedule, config.train.lr, config.train.batch_size) == ("multistep", 0.05, 64)
+    assert (config.distill.temperature, config.distill.tolerance, config.distill.kd_weight) == (4.0, 0.6, 0.9)
+    with pytest.raises(ConfigError, match="preset: got 'fast'; allowed: authors_cifar"):
+        load_config(DistillConfig, None, [teachers, "preset=fast"])
+    with pytest.raises(ConfigError, match=r"distill.strategy: got 'aekd'; allowed: average when there is a single"):
+        load_config(DistillConfig, None, ["teachers=[{name: a, checkpoint: x}]"])

@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import pytest
+import torch
 from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 from test_package import RAY_AEKD
@@ -30,7 +32,7 @@ def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers,
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    result = distill(smoke_config(digits_teachers, tmp_path), log=lambda line: None)
+    result = distill(smoke_config(digits_teachers, tmp_path, "tracking.register_model=smoke-student"), log=print)
     run_dir = Path(result.run_dir)
 
     # every worker computed the same AE-KD weights at every step, within [0, C]
@@ -68,12 +70,20 @@ def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers,
             "metrics.jsonl", "config.json"} <= artifacts  # fmt: skip
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert [m.source_run_id for m in models] == [run.info.run_id]
+    assert [v.run_id for v in client.search_model_versions("name='smoke-student'")] == [run.info.run_id]
+    # the MLflow model is the exported student
+    x = normalize(source.images[val], source.mean, source.std)
+    served = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    torch.testing.assert_close(served(x), student(x), rtol=1e-5, atol=1e-5)
     cosine = json.loads((run_dir / "cosine.json").read_text())["cosine"]
     assert all(cosine[i][i] == pytest.approx(1.0) for i in range(3)) and all(-1 <= c <= 1 for r in cosine for c in r)
 
     # the same run started again with more epochs resumes after epoch 1, in the same MLflow run
     lines: list[str] = []
-    again = distill(smoke_config(digits_teachers, tmp_path, "train.epochs=2"), log=lines.append)
+    again = distill(
+        smoke_config(digits_teachers, tmp_path, "train.epochs=2", "tracking.register_model=smoke-student"),
+        log=lines.append,
+    )
     assert again.mlflow_run_id == result.mlflow_run_id
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
@@ -151,3 +161,31 @@ def test_teacher_that_does_not_fit_the_data_is_refused(digits_teachers, tmp_path
     config = smoke_config(digits_teachers, tmp_path, f"teachers.2.checkpoint={tmp_path / 'wide'}")
     with pytest.raises(ValueError, match=r"teachers.2.checkpoint: 'mlp_c' was trained for 12 classes"):
         distill(config)
+
+
+def test_hint_level_aekd_through_the_pipeline(local_ray, digits_teachers, tmp_path, monkeypatch):
+    """Teacher stages emit their hint features; the student learns from logits and hints."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = load_config(
+        DistillConfig,
+        SMOKE,
+        [
+            *teacher_overrides(digits_teachers, names=("cnn_a", "cnn_b")),
+            f"output_dir={tmp_path / 'out'}",
+            "student.model=digits_cnn",
+            "distill.hint_weight=0.5",
+            "workers.num_workers=0",
+            "train.epochs=2",
+        ],
+    )
+    result = distill(config, log=lambda line: None)
+    epochs = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < epochs[1]["train/hint"] < epochs[0]["train/hint"]  # the regressors learn the teachers' features
+    assert epochs[1]["train/kd"] < epochs[0]["train/kd"]
+    bad = load_config(
+        DistillConfig,
+        SMOKE,
+        [*teacher_overrides(digits_teachers), "student.model=digits_cnn", "distill.hint_weight=0.5"],
+    )
+    with pytest.raises(ValueError, match=r"cannot be regressed onto teacher 2 \(digits_mlp\)"):
+        distill(bad)
