@@ -192,8 +192,23 @@ class DistillTeacher:
     num_cpus: float = 0.5  # per actor
     actors: int = 1  # size of this teacher's actor pool
     batch_size: int = 256  # inference batch size
+    stage: str = "auto"  # actors | tasks | auto (actors when num_gpus > 0, else tasks)
 
     def validate(self, prefix: str) -> None:
+        stages = ("auto", "actors", "tasks")
+        _check(self.stage in stages, f"{prefix}.stage", self.stage, ", ".join(stages))
+        _check(
+            self.stage != "tasks" or self.num_gpus == 0,
+            f"{prefix}.stage",
+            self.stage,
+            "actors or auto for a teacher with num_gpus > 0 (an actor holds its GPU)",
+        )
+        _check(
+            self.actors == 1 or self.stage == "actors" or (self.stage == "auto" and self.num_gpus > 0),
+            f"{prefix}.actors",
+            self.actors,
+            "1 unless the teacher runs as an actor pool (stage: actors, or auto with num_gpus > 0)",
+        )
         _check(bool(self.name) and "/" not in self.name, f"{prefix}.name", self.name, "a non-empty name without '/'")
         _check(bool(self.checkpoint), f"{prefix}.checkpoint", self.checkpoint, "a checkpoint folder or URI")
         _check(self.num_gpus >= 0, f"{prefix}.num_gpus", self.num_gpus, "a number >= 0 (fractions share a GPU)")

@@ -170,6 +170,7 @@ def _stage_specs(config: DistillConfig) -> list[TeacherStageSpec]:
                 actors=teacher.actors,
                 batch_size=teacher.batch_size,
                 hint_layer=layer,
+                stage=teacher.stage if teacher.stage != "auto" else ("actors" if teacher.num_gpus > 0 else "tasks"),
             )
         )
     return specs
