@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quickstart.add_argument("--output-dir", default="runs/quickstart", help="where teachers and students go")
     quickstart.add_argument("--teacher-epochs", type=int, default=30)
-    quickstart.add_argument("--student-epochs", type=int, default=8)
+    quickstart.add_argument("--student-epochs", type=int, default=20)
     quickstart.add_argument("--workers", type=int, default=2, help="Ray Train workers (0: in this process)")
     quickstart.add_argument("--seed", type=int, default=0)
     quickstart.set_defaults(run=_quickstart)

@@ -189,7 +189,7 @@ class DistillTeacher:
     name: str
     checkpoint: str  # folder, fsspec URL (s3://...) or MLflow URI (runs:/<id>/checkpoint)
     num_gpus: float = 0.0  # per actor; fractional shares a GPU
-    num_cpus: float = 0.5  # per actor
+    num_cpus: float = 1.0  # per actor or task (fractions oversubscribe a small machine with processes)
     actors: int = 1  # size of this teacher's actor pool
     batch_size: int = 256  # inference batch size
     stage: str = "auto"  # actors | tasks | auto (actors when num_gpus > 0, else tasks)

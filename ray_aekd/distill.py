@@ -236,8 +236,11 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     train_idx, val_idx = split_indices(len(source), config.data.val_fraction, config.seed)
     info = _check_run(config, source, len(train_idx))
     workers = config.workers
-    teacher_cpus = sum(t.num_cpus * t.actors for t in config.teachers)
-    cpus = teacher_cpus + max(1, workers.num_workers) * workers.cpus_per_worker + 0.5
+    stages = _stage_specs(config)
+    # actor pools hold their CPUs for the whole run; tasks only while they run (one at a time is enough)
+    held = sum(s.num_cpus * s.actors for s in stages if s.stage == "actors")
+    transient = max([1.0] + [s.num_cpus for s in stages if s.stage == "tasks"])
+    cpus = held + transient + max(1, workers.num_workers) * workers.cpus_per_worker
     gpus = sum(t.num_gpus * t.actors for t in config.teachers) + (workers.num_workers if workers.use_gpu else 0)
     what = f"{len(config.teachers)} teacher pool(s) and {max(1, workers.num_workers)} train worker(s)"
     connect(cpus, gpus, what, hint="lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors")
@@ -247,7 +250,6 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     context.print_on_execution_start = False
 
     names = [t.name for t in config.teachers]
-    stages = _stage_specs(config)
     log(
         f"{config.name}: distilling {len(names)} teachers ({', '.join(names)}) into {config.student.model} with "
         f"{config.distill.strategy} on {max(1, workers.num_workers)} worker(s); {len(train_idx)} train / "

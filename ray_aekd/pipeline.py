@@ -41,9 +41,10 @@ from ray_aekd.models.registry import forward_with_feature, model_spec
 
 __all__ = ["TeacherStage", "TeacherStageSpec", "ViewClock", "distill_dataset", "logits_column"]
 
-# Ray Data tasks (reading rows, augmenting) are light; asking for a whole CPU each would
-# starve the train workers and teacher actors on small machines.
-_TASK_CPUS = 0.25
+# One CPU per Ray Data task (reading rows, augmenting). Fractions let Ray run many tasks at once,
+# each in its own worker process that imports torch: on 2 cores, 0.25 made a pass over 2,400
+# CIFAR images take 21 s instead of 3.9 s.
+_TASK_CPUS = 1.0
 
 
 def logits_column(teacher: str) -> str:

@@ -70,10 +70,7 @@ def distill_config(output_dir: Path, strategy: str, epochs: int, seed: int, work
             "train": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "schedule": "cosine"},
             "workers": {"num_workers": workers, "cpus_per_worker": 0.5},
             "tracking": {"experiment": EXPERIMENT},
-            "teachers": [
-                {"name": t["name"], "checkpoint": str(output_dir / "teachers" / t["name"]), "num_cpus": 0.25}
-                for t in TEACHERS
-            ],
+            "teachers": [{"name": t["name"], "checkpoint": str(output_dir / "teachers" / t["name"])} for t in TEACHERS],
         },
     )
 
@@ -96,7 +93,7 @@ def _reusable_teachers(config: TeachersConfig) -> dict[str, Any] | None:
 def run_quickstart(
     output_dir: str | Path = "runs/quickstart",
     teacher_epochs: int = 30,
-    student_epochs: int = 8,
+    student_epochs: int = 20,
     workers: int = 2,
     seed: int = 0,
     strategies: Sequence[str] = ("average", "aekd"),

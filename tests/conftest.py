@@ -61,5 +61,5 @@ def digits_teachers(tmp_path_factory):
 
 def teacher_overrides(teachers: dict[str, str], names=("cnn_a", "cnn_b", "mlp_c")) -> list[str]:
     """``--set`` lines that point a distillation config's teachers at ``teachers``."""
-    items = ", ".join(f"{{name: {n}, checkpoint: '{teachers[n]}', num_cpus: 0.25}}" for n in names)
+    items = ", ".join(f"{{name: {n}, checkpoint: '{teachers[n]}'}}" for n in names)
     return [f"teachers=[{items}]"]
