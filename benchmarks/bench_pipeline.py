@@ -3,7 +3,8 @@
     python benchmarks/bench_pipeline.py [--per-class 300] [--epochs 6] [--batch-size 64] [--json out.json]
 
 (a) pipeline: ``ray_aekd.distill.distill`` on a local Ray (one Train worker, one Ray Data
-    actor pool per teacher, augmentation on); per-epoch numbers from the run's
+    stage per teacher, augmentation on; on CPU a teacher stage runs as Ray tasks that keep the
+    model loaded per worker process, ``teachers.<i>.stage: auto``); per-epoch numbers from the run's
     ``metrics.jsonl``.
 (b) inline: one process, no Ray: the same teacher checkpoints, student, data, views
     (``augment`` keyed by (seed, epoch, index)), batch size and ``DistillSettings``; teacher
@@ -16,12 +17,21 @@ measures speed only.
 
 Throughput is training samples per second of the training pass, from the start of an epoch to
 its last optimiser step (pipeline: ``train/samples_per_second``, which includes re-creating the
-teacher actor pools and restarting the streaming pipeline at every epoch). Epoch 1 is
+teacher stages and restarting the streaming pipeline at every epoch). Epoch 1 is
 start-up and is dropped; medians are over epochs >= 2. Per-epoch validation (and, for the
 pipeline, checkpointing and reporting) is reported beside it, not in it.
 
-Prints one JSON object on stdout (progress, Ray's and the workers' output go to stderr).
+Threads: Ray gives every worker process OMP_NUM_THREADS = max(1, floor(num_cpus)), so the
+Train worker, each teacher actor and each data task run one torch thread (probed and reported);
+the inline loop gets ``--inline-threads`` (default: all cores), so that both sides can use the
+whole machine. ``ray.init(num_cpus=4)``: logical CPUs, so that the worker and the three teacher
+pools are scheduled together on 2 cores.
+
 Inline runs first, while no Ray is running; then Ray starts for the pipeline and is shut down.
+CPU time taken meanwhile by processes outside this one's tree (on a shared machine) is
+reported per epoch (``cpu_share.other_processes``, beside ``cpu_share.busy``, the whole
+machine's): epochs with a large other share are not clean.
+Prints one JSON object on stdout (progress, Ray's and the workers' output go to stderr).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -61,8 +72,8 @@ TARGETS = {"pipeline_over_inline_min": 0.7}
 TEACHER_MODELS = ("resnet8", "resnet8", "resnet8")
 STUDENT_MODEL = "resnet8"
 SEED, VAL_FRACTION = 0, 0.2
-RAY_CPUS = 4  # logical: the Train worker (1) and three teacher pools (0.5 each) plus data tasks fit together
-WORKER_CPUS, TEACHER_CPUS, TEACHER_BATCH = 1.0, 0.5, 256
+RAY_CPUS = 4  # logical: the Train worker (1) and three one-CPU teacher or data tasks at a time
+WORKER_CPUS, TEACHER_CPUS, TEACHER_BATCH = 1.0, 1.0, 256
 LOSS = {"strategy": "aekd", "tolerance": 0.6, "temperature": 4.0, "ce_weight": 1.0, "kd_weight": 0.9}
 OPTIM = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
 
@@ -90,20 +101,27 @@ def stdout_to_stderr() -> Iterator[Any]:
 # ---------------------------------------------------------------- other load on the machine
 
 
-class ForeignCpu(threading.Thread):
-    """CPU seconds used by processes outside this process's tree (Ray's processes started
-    here count as ours), sampled from /proc every 0.5 s: how much of the machine something
-    else (another user's tests) took while we measured. Processes that end between two
-    samples lose their last half second, so this is a lower bound."""
+class CpuMonitor(threading.Thread):
+    """Samples /proc every 0.5 s: how busy the machine is (``/proc/stat``, exact) and how much
+    of that is processes outside this process's tree (another user's tests; Ray's processes
+    started here count as ours). A foreign process loses its last half second when it ends
+    between two samples, so the foreign share is a lower bound."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self._tick = os.sysconf("SC_CLK_TCK")
         self._stop_event = threading.Event()
-        self._last = self._sample()
-        self.series: list[tuple[float, float]] = [(time.perf_counter(), 0.0)]  # (time, cumulative seconds)
+        self._last, self._last_stat = self._sample(), self._stat()
+        self.series: list[tuple[float, float, float]] = [(time.perf_counter(), 0.0, 0.0)]  # t, foreign, busy (s)
+
+    def _stat(self) -> tuple[float, float]:
+        """(busy, total) CPU seconds of the whole machine since boot."""
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        total = sum(values) / self._tick
+        return total - (values[3] + values[4]) / self._tick, total  # idle and iowait are not busy
 
     def _sample(self) -> dict[int, tuple[int, float]]:
+        """pid -> (parent pid, user + system CPU seconds)."""
         out = {}
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
@@ -113,7 +131,8 @@ class ForeignCpu(threading.Thread):
                     out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick)
         return out
 
-    def _foreign(self, sample: dict[int, tuple[int, float]]) -> set[int]:
+    @staticmethod
+    def _foreign(sample: dict[int, tuple[int, float]]) -> set[int]:
         me, ours, theirs = os.getpid(), set(), set()
         for pid in sample:
             chain, cur = [], pid
@@ -125,32 +144,37 @@ class ForeignCpu(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(0.5):
-            sample = self._sample()
-            foreign = self._foreign(sample)
-            delta = sum(max(0.0, sample[pid][1] - self._last[pid][1]) for pid in foreign if pid in self._last)
-            self._last = sample
-            self.series.append((time.perf_counter(), self.series[-1][1] + delta))
+            sample, stat = self._sample(), self._stat()
+            foreign = sum(
+                max(0.0, sample[pid][1] - self._last[pid][1]) for pid in self._foreign(sample) if pid in self._last
+            )
+            busy = stat[0] - self._last_stat[0]
+            self._last, self._last_stat = sample, stat
+            t, foreign_sum, busy_sum = self.series[-1]
+            self.series.append((time.perf_counter(), foreign_sum + foreign, busy_sum + busy))
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
 
-    def share(self, start: float, end: float) -> float | None:
-        """Foreign CPU seconds in [start, end] over the machine's CPU seconds in it (0..1)."""
+    def _at(self, t: float, column: int) -> float:
+        times = [row[0] for row in self.series]
+        i = bisect.bisect_left(times, t)
+        if i == 0 or i == len(self.series):
+            return self.series[min(i, len(self.series) - 1)][column]
+        (t0, *a), (t1, *b) = self.series[i - 1], self.series[i]
+        return a[column - 1] + (b[column - 1] - a[column - 1]) * (t - t0) / (t1 - t0)
 
-        def at(t: float) -> float:
-            times = [s[0] for s in self.series]
-            i = bisect.bisect_left(times, t)
-            if i == 0:
-                return self.series[0][1]
-            if i == len(self.series):
-                return self.series[-1][1]
-            (t0, c0), (t1, c1) = self.series[i - 1], self.series[i]
-            return c0 + (c1 - c0) * (t - t0) / (t1 - t0)
-
-        if end <= start:
-            return None
-        return (at(end) - at(start)) / ((end - start) * (os.cpu_count() or 1))
+    def shares(self, start: float, end: float) -> dict[str, float | None]:
+        """Over [start, end], as shares of the machine's CPU time (0..1): ``busy`` (everything)
+        and ``other_processes`` (not this process tree)."""
+        capacity = (end - start) * (os.cpu_count() or 1)
+        if capacity <= 0:
+            return {"busy": None, "other_processes": None}
+        return {
+            "busy": (self._at(end, 2) - self._at(start, 2)) / capacity,
+            "other_processes": (self._at(end, 1) - self._at(start, 1)) / capacity,
+        }
 
 
 # ---------------------------------------------------------------- data and teachers
@@ -195,7 +219,7 @@ def cifar_subset(tarball: Path, data_dir: Path, per_class: int) -> Path:
 
 
 def make_teachers(folder: Path, source: ImageSource) -> list[Path]:
-    """Random-init teachers (seeds 0, 1, 2), saved as ray_aekd checkpoints for ``source``."""
+    """Random-init teachers (torch seeds 1000 + i), saved as ray_aekd checkpoints for ``source``."""
     paths = []
     for i, arch in enumerate(TEACHER_MODELS):
         torch.manual_seed(1000 + i)
@@ -373,7 +397,7 @@ def thread_probe() -> dict[str, Any]:
             return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
 
     out = {}
-    for label, cpus in (("train_worker", WORKER_CPUS), ("teacher_actor", TEACHER_CPUS)):
+    for label, cpus in (("train_worker", WORKER_CPUS), ("teacher_task", TEACHER_CPUS)):
         actor = Probe.options(num_cpus=cpus).remote()
         env, threads = ray.get(actor.threads.remote())
         ray.kill(actor)
@@ -382,7 +406,12 @@ def thread_probe() -> dict[str, Any]:
 
 
 def run_pipeline(
-    data_path: Path, teacher_paths: list[Path], output_dir: Path, epochs: int, batch_size: int
+    data_path: Path,
+    teacher_paths: list[Path],
+    output_dir: Path,
+    epochs: int,
+    batch_size: int,
+    soft_limit: int | None = None,
 ) -> dict[str, Any]:
     import mlflow
     import ray
@@ -418,8 +447,16 @@ def run_pipeline(
             "seed": SEED,
         },
     )
+    # A Ray temp dir of this run's own. Ray Train's placement-group cleaner finds "the" local
+    # cluster through <tmp>/ray/ray_current_cluster, which a `ray start` elsewhere on the machine
+    # writes; it then asked that cluster for this run's controller, took it for dead and removed
+    # the worker group's placement group mid-run (seen on a shared machine). Workers inherit this.
+    # Ray's sockets live under <RAY_TMPDIR>/ray/session_<date>_<pid>/sockets/ (at most 107 characters)
+    ray_tmp = output_dir if len(str(output_dir)) <= 36 else Path(tempfile.mkdtemp(prefix="ray-aekd-bench-"))
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
     init_start = time.perf_counter()
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+    system = {"num_workers_soft_limit": soft_limit} if soft_limit is not None else None
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, _system_config=system)
     try:
         init_seconds = time.perf_counter() - init_start
         threads = thread_probe()
@@ -475,6 +512,7 @@ def run_pipeline(
         if cycles
         else None,
         "run_dir": result.run_dir,
+        "ray_logs": str(ray_tmp / "ray" / "session_latest" / "logs"),
         "interval": (start, start + total_seconds),
         "epochs": rows,
     }
@@ -533,6 +571,12 @@ def main() -> None:
     parser.add_argument(
         "--inline-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the inline loop (all cores)"
     )
+    parser.add_argument(
+        "--ray-soft-limit",
+        type=int,
+        default=None,
+        help="experiment: Ray's num_workers_soft_limit (idle worker processes kept); default: Ray's own",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     if args.epochs < 4:
@@ -542,7 +586,7 @@ def main() -> None:
 
     with stdout_to_stderr() as real_stdout:
         output_dir = args.output_dir.resolve()
-        for name in ("teachers", "pipeline", "mlartifacts", "mlflow.db"):  # only what this script writes
+        for name in ("teachers", "pipeline", "mlartifacts", "mlflow.db", "ray"):  # only what this script writes
             target = output_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -557,7 +601,7 @@ def main() -> None:
         teacher_paths = make_teachers(output_dir / "teachers", source)
         say(f"{len(source)} images in {data_path}: {len(train_idx)} train / {len(val_idx)} val; {args.epochs} epochs")
 
-        monitor = ForeignCpu()
+        monitor = CpuMonitor()
         monitor.start()
         try:
             say(f"(b) inline, {args.inline_threads} torch threads ...")
@@ -565,22 +609,24 @@ def main() -> None:
                 source, train_idx, val_idx, teacher_paths, args.epochs, args.batch_size, args.inline_threads
             )
             say("(a) Ray pipeline ...")
-            pipeline = run_pipeline(data_path, teacher_paths, output_dir, args.epochs, args.batch_size)
+            pipeline = run_pipeline(
+                data_path, teacher_paths, output_dir, args.epochs, args.batch_size, args.ray_soft_limit
+            )
         finally:
             monitor.stop()
-        other_load = {}
+        cpu = {}
         for side, out in (("inline", inline), ("pipeline", pipeline)):
-            other_load[side] = monitor.share(*out.pop("interval"))
+            cpu[side] = monitor.shares(*out.pop("interval"))
             for row in out["epochs"]:
                 interval = row.pop("interval")
-                row["other_processes_cpu_share"] = monitor.share(*interval) if interval else None
-            say(f"{side}: other processes took {other_load[side]:.0%} of the machine's CPU meanwhile")
+                row["cpu_share"] = monitor.shares(*interval) if interval else None
+            say(f"{side}: machine {cpu[side]['busy']:.0%} busy, other processes {cpu[side]['other_processes']:.0%}")
 
         ratio = pipeline["median_samples_per_second"] / inline["median_samples_per_second"]
         result = {
             "metric": (
                 "training samples/s over the training pass of an epoch (first batch request to last optimiser step; "
-                "pipeline: train/samples_per_second, which includes re-creating the teacher actor pools and restarting "
+                "pipeline: train/samples_per_second, which includes re-creating the teacher stages and restarting "
                 "the streaming pipeline each epoch); median over epochs >= 2 (epoch 1 is start-up). *_incl_validation: "
                 "over epoch_seconds (+ per-epoch student validation); pipeline cycle: between consecutive metrics "
                 "lines as the driver sees them (+ checkpoint and report)."
@@ -611,14 +657,15 @@ def main() -> None:
                     "logical_cpus": RAY_CPUS,
                     "train_workers": 1,
                     "cpus_per_worker": WORKER_CPUS,
-                    "teacher_actor_num_cpus": TEACHER_CPUS,
+                    "teacher_num_cpus": TEACHER_CPUS,
                     "actors_per_teacher": 1,
                     "teacher_batch_size": TEACHER_BATCH,
+                    "num_workers_soft_limit": args.ray_soft_limit or "Ray's default",
                 },
                 "torch_threads": {"inline": inline["threads"], "pipeline": pipeline["threads"]},
             },
             "machine": info | {"loadavg_at_end": os.getloadavg()},
-            "other_processes_cpu_share": other_load,
+            "cpu_share": cpu,
             "versions": versions(),
             "pipeline_samples_per_second": pipeline["median_samples_per_second"],
             "inline_samples_per_second": inline["median_samples_per_second"],
@@ -631,6 +678,11 @@ def main() -> None:
             "inline": inline,
             "wall_seconds": time.perf_counter() - wall_start,
         }
+        say(
+            f"pipeline {result['pipeline_samples_per_second']:.0f} samples/s, inline "
+            f"{result['inline_samples_per_second']:.0f} samples/s: ratio {ratio:.2f} (target >= "
+            f"{TARGETS['pipeline_over_inline_min']}); {result['wall_seconds']:.0f} s in all"
+        )
         text = json.dumps(result, indent=2)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
