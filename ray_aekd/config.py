@@ -211,7 +211,12 @@ class DistillTeacher:
         )
         _check(bool(self.name) and "/" not in self.name, f"{prefix}.name", self.name, "a non-empty name without '/'")
         _check(bool(self.checkpoint), f"{prefix}.checkpoint", self.checkpoint, "a checkpoint folder or URI")
-        _check(self.num_gpus >= 0, f"{prefix}.num_gpus", self.num_gpus, "a number >= 0 (fractions share a GPU)")
+        _check(
+            0 <= self.num_gpus <= 1 or float(self.num_gpus).is_integer(),
+            f"{prefix}.num_gpus",
+            self.num_gpus,
+            "a number in [0, 1] (fractions share a GPU) or a whole number of GPUs",
+        )
         _check(self.num_cpus > 0, f"{prefix}.num_cpus", self.num_cpus, "a number > 0")
         _check(self.actors >= 1, f"{prefix}.actors", self.actors, "an integer >= 1")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")

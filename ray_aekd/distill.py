@@ -171,6 +171,7 @@ def _stage_specs(config: DistillConfig) -> list[TeacherStageSpec]:
                 batch_size=teacher.batch_size,
                 hint_layer=layer,
                 stage=teacher.stage if teacher.stage != "auto" else ("actors" if teacher.num_gpus > 0 else "tasks"),
+                weights_sha256=read_metadata(teacher.checkpoint).weights_sha256,
             )
         )
     return specs
@@ -189,13 +190,54 @@ def _teacher_accuracy(val: ray.data.Dataset, names: list[str]) -> tuple[dict[str
     return dict(zip(names, acc[:-1], strict=True)), acc[-1]
 
 
+# Keys that may change when a run is resumed; anything else would mix two different runs.
+_RESUMABLE_KEYS = ("train.epochs", "workers.", "tracking.", "teachers.")
+
+
+def _has_checkpoint(config: DistillConfig) -> bool:
+    """Whether Ray Train will resume this run (a checkpoint under ``output_dir/_train/<name>``)."""
+    folder = Path(config.output_dir) / "_train" / config.name
+    return config.workers.num_workers > 0 and any(folder.glob("checkpoint_*"))
+
+
+def _check_resume(config: DistillConfig, run_dir: Path) -> None:
+    """A resumed run must be the same run: only more epochs, other workers or tracking."""
+    saved_file = run_dir / "config.json"
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text())
+    now = json.loads(json.dumps(flatten(config)))
+    teachers_now = [t.name for t in config.teachers]
+    changed = sorted(
+        k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not k.startswith((*_RESUMABLE_KEYS, "__"))
+    )
+    if saved.get("__teachers__") not in (None, teachers_now):
+        changed.append("teachers")
+    weights_now = [read_metadata(t.checkpoint).weights_sha256 for t in config.teachers]
+    if saved.get("__teacher_weights__") not in (None, weights_now):
+        changed.append("teachers.<i>.checkpoint (other weights)")
+    if now["train.epochs"] < saved.get("train.epochs", 0):
+        changed.append("train.epochs (lower than the run's)")
+    if changed:
+        raise ValueError(
+            f"name: {config.name!r} is a run in {run_dir} that would be resumed, but these keys differ from it: "
+            f"{', '.join(changed)}; allowed: only more train.epochs or other workers/tracking settings. "
+            "Give a new name for a new run (or delete that folder and output_dir/_train/<name>)."
+        )
+
+
 def _open_run(
-    config: DistillConfig, run_dir: Path, teachers: dict[str, float], ensemble: float, log: Callable[[str], None]
+    config: DistillConfig,
+    run_dir: Path,
+    teachers: dict[str, float],
+    ensemble: float,
+    log: Callable[[str], None],
+    resuming: bool,
 ) -> tuple[str, str | None]:
     """Create (or reopen, when resuming) the run's MLflow run; ``None`` if MLflow is unreachable."""
     uri = resolve_tracking_uri(config.tracking.uri)
     id_file = run_dir / RUN_ID_FILE
-    resuming = id_file.exists() and (run_dir / "metrics.jsonl").exists()
+    resuming = resuming and id_file.exists()
     try:
         client = MlflowClient(uri)
         if resuming:
@@ -235,6 +277,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     )
     train_idx, val_idx = split_indices(len(source), config.data.val_fraction, config.seed)
     info = _check_run(config, source, len(train_idx))
+    resuming = _has_checkpoint(config)
+    if resuming:
+        _check_resume(config, run_dir)
     workers = config.workers
     stages = _stage_specs(config)
     # actor pools hold their CPUs for the whole run; tasks only while they run (one at a time is enough)
@@ -245,6 +290,11 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     what = f"{len(config.teachers)} teacher pool(s) and {max(1, workers.num_workers)} train worker(s)"
     connect(cpus, gpus, what, hint="lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors")
     run_dir.mkdir(parents=True, exist_ok=True)
+    saved = json.loads(json.dumps(flatten(config))) | {
+        "__teachers__": [t.name for t in config.teachers],
+        "__teacher_weights__": [read_metadata(t.checkpoint).weights_sha256 for t in config.teachers],
+    }
+    (run_dir / "config.json").write_text(json.dumps(saved, indent=2))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one progress line per epoch comes from rank 0
     context.print_on_execution_start = False
@@ -262,7 +312,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         + "  ".join(f"{n} {a:.4f}" for n, a in teacher_acc.items())
         + f"   ensemble {ensemble_acc:.4f}"
     )
-    uri, run_id = _open_run(config, run_dir, teacher_acc, ensemble_acc, log)
+    uri, run_id = _open_run(config, run_dir, teacher_acc, ensemble_acc, log, resuming)
     if run_id:
         log(f"MLflow: {uri}, experiment {config.tracking.experiment!r}, run {run_id}")
     clock = ViewClock.remote() if config.data.augment else None

@@ -82,6 +82,7 @@ class TeacherStageSpec:
     batch_size: int = 256
     hint_layer: str | None = None  # also output this layer's activations as feature/<name>
     stage: str = "actors"  # actors: an actor pool; tasks: Ray tasks, the model cached per worker process
+    weights_sha256: str = ""  # part of the task cache's key: a checkpoint rewritten in place is reloaded
 
 
 class TeacherStage:

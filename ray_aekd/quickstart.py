@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -113,6 +114,8 @@ def run_quickstart(
     trained: TeachersResult | None = None
     if reused is None:
         trained = train_teachers(t_config, log=log)
+        # students distilled from earlier teachers must not be resumed with these ones
+        shutil.rmtree(output_dir / "students", ignore_errors=True)
         teacher_acc = {name: row["val/acc1"] for name, row in trained.teachers.items()}
         ensemble = trained.ensemble_acc1
     else:

@@ -68,16 +68,19 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str | None) -> None:
         self.uri, self.run_id = uri, run_id
-        self._client = MlflowClient(uri) if run_id else None
+        self._client: MlflowClient | None = None
+        self._enabled = run_id is not None
 
     @property
     def enabled(self) -> bool:
-        return self._client is not None
+        return self._enabled
 
     def _call(self, what: str, fn: Callable[[], Any]) -> None:
-        if self._client is None:
+        if not self._enabled:
             return
         try:
+            if self._client is None:  # built here: opening the store can fail too
+                self._client = MlflowClient(self.uri)
             fn()
         except Exception as error:  # any MLflow/network failure: warn once, keep training
             warnings.warn(
@@ -86,7 +89,7 @@ class RunLogger:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            self._client = None
+            self._enabled = False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = int(time.time() * 1000)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ray_aekd.config import DistillConfig, flatten, from_dict
+from ray_aekd.config import DistillConfig, from_dict
 from ray_aekd.data.views import normalize
 from ray_aekd.engine import DistillSettings, HintStudent, distill_step, make_optimizer
 from ray_aekd.losses import HintRegressors
@@ -43,6 +43,7 @@ from ray_aekd.tracking import RunLogger, limit_mlflow_retries
 __all__ = ["STATE_FILE", "train_loop"]
 
 STATE_FILE = "state.pt"
+DONE_FILE = "finished"
 
 
 def _world() -> tuple[int, int]:
@@ -147,6 +148,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         alpha_path.unlink(missing_ok=True)
         if rank == 0:
             metrics_path.unlink(missing_ok=True)
+            (run_dir / DONE_FILE).unlink(missing_ok=True)
     else:
         _truncate_csv(alpha_path, start_epoch)
         if rank == 0:
@@ -206,6 +208,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 f"epoch {epoch}: worker {rank} got no full batch of {batch_size} samples; lower train.batch_size "
                 "or use fewer workers."
             )
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         scheduler.step()
         sums = _all_reduce_sum(sums)
         hint_sum = _all_reduce_sum(hint_sum)
@@ -240,7 +243,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["train/hint"] = float(hint_sum) / samples
         metrics |= {f"weights/{name}": float(alpha[:, m].mean()) for m, name in enumerate(names)}
         metrics |= {
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train/samples_per_second": samples / train_seconds,
             "epoch_seconds": time.perf_counter() - started,
         }
@@ -270,14 +273,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"epoch": epoch + 1, "step": step, **metrics}) + "\n")
-                logger.log_metrics({k: v for k, v in metrics.items()}, step=epoch + 1)
                 _say(_progress_line(config, epoch, metrics))
             ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
+        if rank == 0:  # after the checkpoint is committed, so a retried epoch is not logged twice
+            logger.log_metrics(metrics, step=epoch + 1)
 
-    finished_before = start_epoch >= train.epochs and (run_dir / "student" / "weights.pt").exists()
-    if rank == 0 and not finished_before:
+    if rank == 0 and not (run_dir / DONE_FILE).exists():
         _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger)
-    _barrier()
 
 
 def _say(line: str) -> None:
@@ -332,7 +334,6 @@ def _finish(
         title = f"{config.name}: {config.distill.strategy}, C = {config.distill.tolerance:g}"
         plot_weights(table[:, 0], table[:, 2:], names, run_dir / "plots" / "weights.png", title)
     plot_cosine_matrix(cosine.numpy(), names, run_dir / "plots" / "cosine.png")
-    (run_dir / "config.json").write_text(json.dumps(flatten(config), indent=2))
     logger.log_artifacts(str(run_dir / "plots"), "plots")
     logger.log_artifacts(str(run_dir / "alpha"), "alpha")
     logger.log_artifacts(str(run_dir / "student"), "checkpoint")
@@ -340,3 +341,4 @@ def _finish(
         logger.log_artifact(str(run_dir / name))
     example = np.zeros((2, *info["input_shape"]), dtype=np.float32)
     logger.log_model(student.eval(), "student", example, config.tracking.register_model)
+    (run_dir / DONE_FILE).write_text("finished\n")  # last: a failure above is redone on resume

@@ -91,6 +91,14 @@ def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers,
     rank0, rank1 = ((run_dir / "alpha" / f"rank{r}.csv").read_text() for r in (0, 1))
     assert rank0 == rank1 and {line.split(",")[1] for line in rank0.splitlines()[1:]} == {"0", "1"}
     assert len(rank0.splitlines()) == 1 + 2 * len(rows)
+    assert run.data.params["train.epochs"] == "1"  # the params of the run as it was started
+
+    # resuming it as another run (another C, another student) is refused, naming the keys
+    other = smoke_config(
+        digits_teachers, tmp_path, "train.epochs=3", "distill.tolerance=0.9", "student.model=digits_cnn"
+    )
+    with pytest.raises(ValueError, match=r"differ from it: distill.tolerance, student.model; allowed: only more"):
+        distill(other)
 
 
 def test_unreachable_mlflow_does_not_stop_training(local_ray, digits_teachers, tmp_path, monkeypatch):
