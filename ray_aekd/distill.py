@@ -200,7 +200,7 @@ def _has_checkpoint(config: DistillConfig) -> bool:
     return config.workers.num_workers > 0 and any(folder.glob("checkpoint_*"))
 
 
-def _check_resume(config: DistillConfig, run_dir: Path) -> None:
+def _check_resume(config: DistillConfig, run_dir: Path, weights: list[str]) -> None:
     """A resumed run must be the same run: only more epochs, other workers or tracking."""
     saved_file = run_dir / "config.json"
     if not saved_file.exists():
@@ -213,8 +213,7 @@ def _check_resume(config: DistillConfig, run_dir: Path) -> None:
     )
     if saved.get("__teachers__") not in (None, teachers_now):
         changed.append("teachers")
-    weights_now = [read_metadata(t.checkpoint).weights_sha256 for t in config.teachers]
-    if saved.get("__teacher_weights__") not in (None, weights_now):
+    if saved.get("__teacher_weights__") not in (None, list(weights)):
         changed.append("teachers.<i>.checkpoint (other weights)")
     if now["train.epochs"] < saved.get("train.epochs", 0):
         changed.append("train.epochs (lower than the run's)")
@@ -277,11 +276,12 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     )
     train_idx, val_idx = split_indices(len(source), config.data.val_fraction, config.seed)
     info = _check_run(config, source, len(train_idx))
+    stages = _stage_specs(config)
+    weights = [s.weights_sha256 for s in stages]
     resuming = _has_checkpoint(config)
     if resuming:
-        _check_resume(config, run_dir)
+        _check_resume(config, run_dir, weights)
     workers = config.workers
-    stages = _stage_specs(config)
     # actor pools hold their CPUs for the whole run; tasks only while they run (one at a time is enough)
     held = sum(s.num_cpus * s.actors for s in stages if s.stage == "actors")
     transient = max([1.0] + [s.num_cpus for s in stages if s.stage == "tasks"])
@@ -292,7 +292,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = json.loads(json.dumps(flatten(config))) | {
         "__teachers__": [t.name for t in config.teachers],
-        "__teacher_weights__": [read_metadata(t.checkpoint).weights_sha256 for t in config.teachers],
+        "__teacher_weights__": weights,
     }
     (run_dir / "config.json").write_text(json.dumps(saved, indent=2))
     context = ray.data.DataContext.get_current()
