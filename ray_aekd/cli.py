@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser(
         "distill",
-        help="distil trained teachers into a student on Ray (teacher actor pools + a Ray Train worker group)",
-        description="Stream the training data through one Ray Data actor pool per teacher and train the student "
+        help="distil trained teachers into a student on Ray (teacher stages on Ray Data + a Ray Train worker group)",
+        description="Stream the training data through one Ray Data stage per teacher and train the student "
         "on a Ray Train worker group with average, AE-KD or MGDA teacher weights; evaluate, checkpoint and log "
         "to MLflow every epoch. Running the same config again resumes it. Uses the Ray cluster in RAY_ADDRESS "
         "(as `ray job submit` sets it), else a local Ray.",

@@ -184,13 +184,13 @@ class TeachersConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillTeacher:
-    """A trained teacher for distillation: where its checkpoint is and what its actor pool gets."""
+    """A trained teacher for distillation: where its checkpoint is and how its Ray Data stage runs."""
 
     name: str
     checkpoint: str  # folder, fsspec URL (s3://...) or MLflow URI (runs:/<id>/checkpoint)
     num_gpus: float = 0.0  # per actor; fractional shares a GPU
     num_cpus: float = 1.0  # per actor or task (fractions oversubscribe a small machine with processes)
-    actors: int = 1  # size of this teacher's actor pool
+    actors: int = 1  # size of this teacher's actor pool (stage: actors)
     batch_size: int = 256  # inference batch size
     stage: str = "auto"  # actors | tasks | auto (actors when num_gpus > 0, else tasks)
 

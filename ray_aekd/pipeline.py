@@ -1,8 +1,8 @@
-"""The distillation data pipeline on Ray Data: views, then one actor-pool stage per teacher.
+"""The distillation data pipeline on Ray Data: views, then one stage per teacher.
 
     source rows (index, image, label)
       -> view: deterministic augmentation keyed by (seed, epoch, index)     (Ray tasks)
-      -> teacher 1 .. M: ``map_batches`` on an actor pool per teacher        (actors, num_gpus each)
+      -> teacher 1 .. M: one ``map_batches`` stage per teacher              (actor pool or tasks)
          adds ``logits/<teacher>`` (and ``feature/<teacher>`` for hints)
       -> Ray Train workers (``streaming_split``) -> ``iter_torch_batches``
 
@@ -72,7 +72,7 @@ class ViewClock:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherStageSpec:
-    """One teacher stage: the checkpoint and the actor pool that runs it."""
+    """One teacher stage: the checkpoint and the actors or tasks that run it."""
 
     name: str
     checkpoint: str  # a local folder or fsspec URL (MLflow URIs are resolved by the caller)
@@ -162,7 +162,7 @@ def distill_dataset(
     Args:
         source: where images come from.
         indices: the samples (e.g. the training split).
-        teachers: one actor-pool stage each, in order.
+        teachers: one stage each, in order.
         clock: a ``ViewClock``; with one, images are augmented per (seed, epoch, index);
             without, they pass unchanged (validation).
         seed: the augmentation seed.
