@@ -316,7 +316,10 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     if run_id:
         log(f"MLflow: {uri}, experiment {config.tracking.experiment!r}, run {run_id}")
     clock = ViewClock.remote() if config.data.augment else None
-    train = distill_dataset(source, train_idx.numpy(), stages, clock=clock, seed=config.seed)
+    # a seeded permutation: splits (and image folders) are sorted, often by class, and the
+    # workers' local shuffle buffer only mixes a few batches
+    order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config.seed))]
+    train = distill_dataset(source, order.numpy(), stages, clock=clock, seed=config.seed)
     resources: dict[str, float] = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = 1.0
