@@ -24,8 +24,11 @@ from ray_aekd.weighting import STRATEGIES
 
 __all__ = [
     "PRESETS",
+    "CACHE_DTYPES",
+    "CacheConfig",
     "ConfigError",
     "DataConfig",
+    "DistillDataConfig",
     "DistillConfig",
     "DistillTeacher",
     "DistillTrackingConfig",
@@ -81,6 +84,39 @@ class DataConfig:
                 self.image_size,
                 "null unless dataset is imagefolder (other datasets have a fixed size)",
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillDataConfig(DataConfig):
+    """The data of a distillation run: ``DataConfig`` plus how views and order repeat."""
+
+    views: int | None = None  # distinct augmentation views: epoch e uses view e mod views; null: a new one each epoch
+    deterministic: bool = False  # read blocks in a fixed order (Ray Data preserve_order): runs repeat exactly
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.views is not None:
+            _check(self.views >= 1, f"{prefix}.views", self.views, "an integer >= 1, or null (a new view every epoch)")
+
+    def view(self, epoch: int) -> int:
+        """The augmentation view that epoch ``epoch`` (0-based) reads."""
+        return epoch % self.views if self.views else epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """A soft-label cache (``ray-aekd relabel``): teacher logits for ``data.views`` views, on disk."""
+
+    path: str | None = None  # local folder, s3://..., gs://...; set: read teacher logits from it, run no teacher
+    dtype: str = "float32"  # float32 | float16 (half the size; logits rounded to ~3 significant digits)
+
+    def validate(self, prefix: str) -> None:
+        _check(self.path != "", f"{prefix}.path", self.path, "a folder or URI, or null")
+        _check(self.dtype in CACHE_DTYPES, f"{prefix}.dtype", self.dtype, ", ".join(CACHE_DTYPES))
+
+
+#: How a soft-label cache stores logits.
+CACHE_DTYPES = ("float32", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,9 +326,10 @@ class DistillConfig:
     teachers: tuple[DistillTeacher, ...]
     student: StudentConfig = StudentConfig()
     distill: LossConfig = LossConfig()
-    data: DataConfig = DataConfig()
+    data: DistillDataConfig = DistillDataConfig()
     train: TrainConfig = TrainConfig()
     workers: WorkersConfig = WorkersConfig()
+    cache: CacheConfig = CacheConfig()
     tracking: DistillTrackingConfig = DistillTrackingConfig(experiment="ray-aekd")
     name: str = "distill"  # MLflow run name and the run folder under output_dir
     output_dir: str = "runs/distill"
@@ -316,6 +353,19 @@ class DistillConfig:
                 "distill.tolerance",
                 self.distill.tolerance,
                 f"a number in [1/M, 1] = [{1 / num:.6g}, 1] for M = {num} teachers",
+            )
+        if self.cache.path is not None:
+            _check(
+                self.data.views is not None or not self.data.augment,
+                "data.views",
+                self.data.views,
+                "an integer >= 1 when cache.path is set (the cache holds that many views; or data.augment: false)",
+            )
+            _check(
+                self.distill.hint_weight == 0,
+                "distill.hint_weight",
+                self.distill.hint_weight,
+                "0 when cache.path is set (the cache holds logits, not the teachers' hint features)",
             )
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
@@ -434,6 +484,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if origin is dict:  # a free-form mapping (sweep overrides and spaces), checked by its owner
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}; allowed: a mapping.")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: got {value!r}; allowed: a list.")

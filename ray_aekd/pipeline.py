@@ -39,7 +39,15 @@ from ray_aekd.data.views import augment, normalize
 from ray_aekd.models.checkpoint import load_checkpoint
 from ray_aekd.models.registry import forward_with_feature, model_spec
 
-__all__ = ["TeacherStage", "TeacherStageSpec", "ViewClock", "distill_dataset", "logits_column"]
+__all__ = [
+    "TeacherStage",
+    "TeacherStageSpec",
+    "ViewClock",
+    "add_teacher_stages",
+    "apply_view",
+    "distill_dataset",
+    "logits_column",
+]
 
 # One CPU per Ray Data task (reading rows, augmenting). Fractions let Ray run many tasks at once,
 # each in its own worker process that imports torch: on 2 cores, 0.25 made a pass over 2,400
@@ -57,10 +65,12 @@ def feature_column(teacher: str) -> str:
 
 @ray.remote(num_cpus=0)
 class ViewClock:
-    """Which epoch (augmentation view) the pipeline is producing; set by rank 0."""
+    """Which epoch the pipeline is producing (set by rank 0), and how many samples each
+    teacher has been run on (counted by the teacher stages, for ``teacher_forward_passes``)."""
 
     def __init__(self) -> None:
         self._epoch = 0
+        self._forwards: dict[str, int] = {}
 
     def set(self, epoch: int) -> int:
         self._epoch = epoch
@@ -68,6 +78,12 @@ class ViewClock:
 
     def get(self) -> int:
         return self._epoch
+
+    def count(self, teacher: str, samples: int) -> None:
+        self._forwards[teacher] = self._forwards.get(teacher, 0) + samples
+
+    def forwards(self) -> dict[str, int]:
+        return dict(self._forwards)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +109,9 @@ class TeacherStage:
     Shapes: ``image`` uint8 ``[B, C, H, W]`` -> ``logits/<name>`` float32 ``[B, K]``.
     """
 
-    def __init__(self, spec: TeacherStageSpec) -> None:
+    def __init__(self, spec: TeacherStageSpec, counter: Any = None) -> None:
         self.spec = spec
+        self.counter = counter  # a ViewClock that counts the samples this teacher runs on
         self.device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         model, meta = load_checkpoint(spec.checkpoint, map_location=self.device)
         self.model = model.to(self.device).eval()
@@ -112,6 +129,8 @@ class TeacherStage:
                 logits, feature = forward_with_feature(self.model, x, self.spec.hint_layer)
                 batch[feature_column(self.spec.name)] = feature.float().cpu().numpy()
         batch[logits_column(self.spec.name)] = logits.float().cpu().numpy()
+        if self.counter is not None:
+            self.counter.count.remote(self.spec.name, len(images))
         return batch
 
 
@@ -119,7 +138,7 @@ _CACHED_TEACHERS: dict[TeacherStageSpec, TeacherStage] = {}
 _MAX_CACHED_TEACHERS = 16
 
 
-def _teacher_task(batch: dict[str, np.ndarray], spec: TeacherStageSpec) -> dict[str, np.ndarray]:
+def _teacher_task(batch: dict[str, np.ndarray], spec: TeacherStageSpec, counter: Any = None) -> dict[str, np.ndarray]:
     """The teacher as a Ray Data task: the model is loaded once per worker process and kept,
     so that later epochs (new executions of the pipeline) reuse it. CPU teachers only."""
     stage = _CACHED_TEACHERS.get(spec)
@@ -127,14 +146,22 @@ def _teacher_task(batch: dict[str, np.ndarray], spec: TeacherStageSpec) -> dict[
         if len(_CACHED_TEACHERS) >= _MAX_CACHED_TEACHERS:  # bounded: drop the oldest
             _CACHED_TEACHERS.pop(next(iter(_CACHED_TEACHERS)))
         stage = _CACHED_TEACHERS[spec] = TeacherStage(spec)
+    stage.counter = counter
     return stage(batch)
 
 
-def _apply_view(batch: dict[str, np.ndarray], clock: Any, seed: int, pad: int, flip: bool) -> dict[str, np.ndarray]:
-    epoch = ray.get(clock.get.remote())
+def apply_view(
+    batch: dict[str, np.ndarray], clock: Any, seed: int, pad: int, flip: bool, views: int | None = None, view: int = -1
+) -> dict[str, np.ndarray]:
+    """Augment ``batch["image"]`` with view ``epoch mod views`` (the clock's epoch; or the
+    fixed ``view`` when there is no clock) and add the view as column ``view``."""
+    if clock is not None:
+        epoch = ray.get(clock.get.remote())
+        view = epoch % views if views else epoch
     images = torch.from_numpy(np.array(batch["image"]))  # Ray hands read-only arrays: copy
     indices = torch.from_numpy(np.array(batch["index"]))
-    batch["image"] = augment(images, indices, seed, epoch, pad=pad, flip=flip).numpy()
+    batch["image"] = augment(images, indices, seed, view, pad=pad, flip=flip).numpy()
+    batch["view"] = np.full(len(indices), view, dtype=np.int64)
     return batch
 
 
@@ -156,6 +183,8 @@ def distill_dataset(
     teachers: Sequence[TeacherStageSpec],
     clock: Any = None,
     seed: int = 0,
+    views: int | None = None,
+    counter: Any = None,
 ) -> ray.data.Dataset:
     """Rows ``index``, ``image`` (the view), ``label`` and one ``logits/<teacher>`` per teacher.
 
@@ -163,24 +192,33 @@ def distill_dataset(
         source: where images come from.
         indices: the samples (e.g. the training split).
         teachers: one stage each, in order.
-        clock: a ``ViewClock``; with one, images are augmented per (seed, epoch, index);
-            without, they pass unchanged (validation).
+        clock: a ``ViewClock``; with one, images are augmented per (seed, view, index) and a
+            ``view`` column is added; without, they pass unchanged (validation).
         seed: the augmentation seed.
+        views: epoch e reads view ``e mod views``; None: view e.
+        counter: a ``ViewClock`` that counts each teacher's samples (may be ``clock``).
     """
     dataset = to_ray_dataset(source, indices, num_cpus=_TASK_CPUS)
     if clock is not None:
         pad, flip = view_settings(source)
         dataset = dataset.map_batches(
-            _apply_view,
-            fn_kwargs={"clock": clock, "seed": seed, "pad": pad, "flip": flip},
+            apply_view,
+            fn_kwargs={"clock": clock, "seed": seed, "pad": pad, "flip": flip, "views": views},
             batch_format="numpy",
             num_cpus=_TASK_CPUS,
         )
+    return add_teacher_stages(dataset, teachers, counter)
+
+
+def add_teacher_stages(
+    dataset: ray.data.Dataset, teachers: Sequence[TeacherStageSpec], counter: Any = None
+) -> ray.data.Dataset:
+    """One ``map_batches`` stage per teacher, each adding ``logits/<teacher>``."""
     for spec in teachers:
         if spec.stage == "tasks":
             dataset = dataset.map_batches(
                 _teacher_task,
-                fn_kwargs={"spec": spec},
+                fn_kwargs={"spec": spec, "counter": counter},
                 num_cpus=spec.num_cpus,
                 batch_size=spec.batch_size,
                 batch_format="numpy",
@@ -188,7 +226,7 @@ def distill_dataset(
             continue
         dataset = dataset.map_batches(
             TeacherStage,
-            fn_constructor_kwargs={"spec": spec},
+            fn_constructor_kwargs={"spec": spec, "counter": counter},
             compute=ray.data.ActorPoolStrategy(size=spec.actors),
             num_gpus=spec.num_gpus,
             num_cpus=spec.num_cpus,

@@ -104,7 +104,8 @@ def _truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function. ``loop_config``: ``config`` (the resolved DistillConfig as
     plain data), ``info`` (data and model facts measured by the driver), ``run_dir``,
-    ``clock`` (a ViewClock or None), ``tracking_uri``, ``mlflow_run_id``."""
+    ``clock`` (a ViewClock), ``tracking_uri``, ``mlflow_run_id``, ``progress`` (print a line
+    per epoch from rank 0; a sweep prints its own)."""
     limit_mlflow_retries()
     config = from_dict(DistillConfig, loop_config["config"])
     info = loop_config["info"]
@@ -175,7 +176,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
-        if rank == 0 and clock is not None:
+        if rank == 0:
             ray.get(clock.set.remote(epoch))
         _barrier()  # nobody reads epoch e's views before the clock says e
         model.train()
@@ -273,7 +274,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"epoch": epoch + 1, "step": step, **metrics}) + "\n")
-                _say(_progress_line(config, epoch, metrics))
+                if loop_config.get("progress", True):
+                    _say(_progress_line(config, epoch, metrics))
             ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
         if rank == 0:  # after the checkpoint is committed, so a retried epoch is not logged twice
             logger.log_metrics(metrics, step=epoch + 1)

@@ -1,0 +1,153 @@
+"""The driver's work before a distillation touches Ray: resolve paths, check the teachers
+against the data and the student on one image, describe the teacher stages, and score the
+teachers on the validation split. Shared by ``ray-aekd distill`` and ``ray-aekd relabel``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from ray_aekd.config import DistillConfig
+from ray_aekd.data import normalize
+from ray_aekd.data.sources import ImageSource
+from ray_aekd.models import build_model, forward_with_feature, model_spec
+from ray_aekd.models.checkpoint import CheckpointError, read_metadata
+from ray_aekd.pipeline import TeacherStageSpec, logits_column, teacher_hint_layer
+from ray_aekd.tracking import MLFLOW_URI_SCHEMES, resolve_tracking_uri
+
+__all__ = ["check_run", "resolve_paths", "stage_specs", "teacher_accuracy"]
+
+
+def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
+    """Absolute local paths (workers and actors run elsewhere) and MLflow URIs downloaded."""
+    data = config.data
+    if data.path is not None and "://" not in data.path:
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    teachers = []
+    for i, teacher in enumerate(config.teachers):
+        path = teacher.checkpoint
+        if path.startswith(MLFLOW_URI_SCHEMES):
+            import mlflow.artifacts
+
+            target = run_dir / "teachers" / teacher.name
+            target.mkdir(parents=True, exist_ok=True)
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=path, dst_path=str(target), tracking_uri=resolve_tracking_uri(config.tracking.uri)
+                )
+            except Exception as error:
+                raise ValueError(f"teachers.{i}.checkpoint: cannot download {path!r} from MLflow ({error}).") from None
+        elif "://" not in path:
+            path = str(Path(path).resolve())
+        teachers.append(dataclasses.replace(teacher, checkpoint=path))
+    return dataclasses.replace(
+        config, data=data, teachers=tuple(teachers), output_dir=str(Path(config.output_dir).resolve())
+    )
+
+
+def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dict[str, Any]:
+    """Teachers fit the data, the student runs on it, batches fit the split. Returns the
+    facts the workers need (``info``)."""
+    image, _ = source[0]
+    x = normalize(image.unsqueeze(0).repeat(2, 1, 1, 1), source.mean, source.std)
+    teacher_channels = []
+    for i, teacher in enumerate(config.teachers):
+        try:
+            meta = read_metadata(teacher.checkpoint)
+        except (CheckpointError, OSError) as error:
+            raise ValueError(f"teachers.{i}.checkpoint: {error}") from None
+        if meta.num_classes != source.num_classes or tuple(meta.input_shape) != source.input_shape:
+            raise ValueError(
+                f"teachers.{i}.checkpoint: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "
+                f"{list(meta.input_shape)}, but {config.data.dataset} has {source.num_classes} classes and inputs "
+                f"{list(source.input_shape)}."
+            )
+        if config.distill.hint_weight > 0:
+            model = build_model(meta.architecture, meta.num_classes, in_channels=meta.input_shape[0]).eval()
+            with torch.no_grad():
+                _, feature = forward_with_feature(model, x, teacher_hint_layer(meta.architecture))
+            teacher_channels.append((meta.architecture, list(feature.shape[1:])))
+    student = build_model(config.student.model, source.num_classes, in_channels=source.input_shape[0]).eval()
+    info: dict[str, Any] = {
+        "num_classes": source.num_classes,
+        "input_shape": list(source.input_shape),
+        "mean": list(source.mean),
+        "std": list(source.std),
+        "class_names": list(source.class_names),
+    }
+    layer = config.student.hint_layer or model_spec(config.student.model).hint_layer
+    try:
+        with torch.no_grad():
+            if config.distill.hint_weight > 0:
+                if layer is None:
+                    raise ValueError(f"student.hint_layer: {config.student.model!r} has no default; name one.")
+                _, feature = forward_with_feature(student, x, layer)
+                for i, (arch, shape) in enumerate(teacher_channels):
+                    if list(feature.shape[2:]) != shape[1:]:
+                        raise ValueError(
+                            f"distill.hint_weight: the student's {layer!r} output {list(feature.shape[1:])} cannot be "
+                            f"regressed onto teacher {i} ({arch}) feature {shape}: the spatial sizes differ."
+                        )
+                info |= {
+                    "student_hint_layer": layer,
+                    "student_hint_channels": int(feature.shape[1]),
+                    "teacher_hint_channels": [shape[0] for _, shape in teacher_channels],
+                }
+            else:
+                student(x)
+    except RuntimeError as error:
+        raise ValueError(
+            f"student.model: {config.student.model!r} does not run on {config.data.dataset} images of shape "
+            f"{list(source.input_shape)} ({error})."
+        ) from None
+    workers = max(1, config.workers.num_workers)
+    if config.train.batch_size % workers:
+        raise ValueError(
+            f"train.batch_size: got {config.train.batch_size}; allowed: a multiple of workers.num_workers = {workers} "
+            "(it is the global batch, split evenly across workers)."
+        )
+    if num_train // workers < config.train.batch_size // workers:
+        raise ValueError(
+            f"train.batch_size: got {config.train.batch_size}; allowed: at most {num_train // workers * workers} "
+            f"(the training split has {num_train} samples for {workers} worker(s))."
+        )
+    return info
+
+
+def stage_specs(config: DistillConfig) -> list[TeacherStageSpec]:
+    specs = []
+    for teacher in config.teachers:
+        layer = None
+        if config.distill.hint_weight > 0:
+            layer = teacher_hint_layer(read_metadata(teacher.checkpoint).architecture)
+        specs.append(
+            TeacherStageSpec(
+                name=teacher.name,
+                checkpoint=teacher.checkpoint,
+                num_gpus=teacher.num_gpus,
+                num_cpus=teacher.num_cpus,
+                actors=teacher.actors,
+                batch_size=teacher.batch_size,
+                hint_layer=layer,
+                stage=teacher.stage if teacher.stage != "auto" else ("actors" if teacher.num_gpus > 0 else "tasks"),
+                weights_sha256=read_metadata(teacher.checkpoint).weights_sha256,
+            )
+        )
+    return specs
+
+
+def teacher_accuracy(val: ray.data.Dataset, names: list[str]) -> tuple[dict[str, float], float]:
+    hits = torch.zeros(len(names) + 1, dtype=torch.float64)
+    count = 0
+    for batch in val.iter_torch_batches(batch_size=1024):
+        logits = torch.stack([batch[logits_column(n)] for n in names])  # [M, B, K]
+        labels = batch["label"]
+        hits[:-1] += (logits.argmax(-1) == labels).double().sum(-1)
+        hits[-1] += (logits.softmax(-1).mean(0).argmax(-1) == labels).double().sum()
+        count += len(labels)
+    acc = (hits / count).tolist()
+    return dict(zip(names, acc[:-1], strict=True)), acc[-1]
