@@ -52,6 +52,34 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relabel(args: argparse.Namespace) -> int:
+    from ray_aekd.config import DistillConfig, load_config
+    from ray_aekd.soft_labels import relabel
+
+    config = load_config(DistillConfig, args.config, args.set)
+    relabel(config, overwrite=args.overwrite)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from ray_aekd.sweep import sweep_from_file
+
+    result = sweep_from_file(args.config, args.set)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(result), f, indent=2)
+    return 0 if result.best is not None else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ray_aekd.compare import compare, format_table
+
+    rows, plot = compare(args.tracking_uri, args.experiment, args.sweep, args.output_dir)
+    print(format_table(rows, args.tracking_uri, args.experiment, args.sweep))
+    print(f"plot: {plot}; table: {plot.with_name('compare.csv')}")
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from ray_aekd.quickstart import run_quickstart
 
@@ -119,6 +147,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(distill, "tune_configs/distill_digits.yaml")
     distill.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     distill.set_defaults(run=_distill)
+
+    relabel = commands.add_parser(
+        "relabel",
+        help="run the teachers once over data.views views and write their logits to cache.path (Parquet)",
+        description="Make the soft-label cache of a distillation config: every teacher runs once over "
+        "data.views deterministic views of the training split and once over the validation split, and their logits "
+        "are written with the keys (index, view) as Parquet to cache.path (a folder, s3://, gs://). A distillation "
+        "or sweep with cache.path set then reads them and runs no teacher. A cache already there for the same "
+        "teachers and data is kept.",
+    )
+    _add_config_args(relabel, "tune_configs/distill_digits.yaml --set cache.path=runs/cache --set data.views=4")
+    relabel.add_argument("--overwrite", action="store_true", help="replace a cache made for other settings")
+    relabel.set_defaults(run=_relabel)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="search C, T (any config key) with Ray Tune: one distillation per trial, MLflow parent + child runs",
+        description="Run a Ray Tune search over a distillation config's keys (grid, random or Optuna; optional "
+        "ASHA), one distillation run per trial, logged to MLflow as child runs of one parent run, optionally "
+        "reading a soft-label cache made once for all trials. Prints the best configuration and its student.",
+    )
+    _add_config_args(sweep, "tune_configs/sweep_digits.yaml")
+    sweep.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    sweep.set_defaults(run=_sweep)
+
+    compare = commands.add_parser(
+        "compare",
+        help="rank distillation runs (an experiment, or one sweep's trials) from MLflow, with a plot",
+        description="Read the distillation runs of an MLflow experiment (or the child runs of one sweep) and print "
+        "them ranked by final val/acc1 with strategy, C, T, val/agreement and best epoch; write compare.csv and "
+        "compare.png. Works with the local SQLite store and with a tracking server (MLFLOW_TRACKING_URI).",
+    )
+    compare.add_argument("--experiment", help="MLflow experiment name (default ray-aekd)")
+    compare.add_argument("--sweep", metavar="RUN_ID", help="the parent run id of a sweep: compare its trials")
+    compare.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    compare.add_argument("--output-dir", default=".", help="where compare.csv and compare.png go (default .)")
+    compare.set_defaults(run=_compare)
 
     quickstart = commands.add_parser(
         "quickstart",

@@ -1,0 +1,386 @@
+"""``ray-aekd sweep``: search a distillation's hyperparameters (C, T, ...) with Ray Tune.
+
+One trial is one distillation run (``ray_aekd.distill.distill``) inside a Tune function
+trainable: it builds a ``TorchTrainer`` and reports every epoch to Tune through
+``TuneReportCallback``, so ASHA can stop weak trials early. The sweep:
+
+1. checks the sweep config, its base config and the whole search space (``sweep_space``),
+   and the cluster, before anything is scheduled;
+2. with ``soft_label_cache: true``, runs the teachers once (``ray-aekd relabel``; kept when
+   it is already there for the same teachers and data) so that no trial runs a teacher;
+3. opens a parent MLflow run (the search space as params); every trial is a child run
+   (tag ``mlflow.parentRunId``) with the metrics of a plain distillation run;
+4. prints a line per trial and epoch (state counts and the best so far);
+5. at the end logs the best trial's params and metrics on the parent, a table of all trials
+   (``trials.csv``) and plots of the metric against C and T, and prints the best configuration
+   and where its student checkpoint is.
+
+A sweep that is run again is a new sweep (new trial names); finished trials are not redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
+from ray_aekd.config import DistillConfig, apply_preset, flatten, from_dict
+from ray_aekd.distill import TrialHooks, _resources, distill
+from ray_aekd.prepare import resolve_paths, stage_specs
+from ray_aekd.session import connect
+from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
+from ray_aekd.sweep_space import TOLERANCE_FRACTION, Dimension, SweepConfig, apply_values, load_sweep, parse_space
+from ray_aekd.tracking import experiment_id, limit_mlflow_retries, resolve_tracking_uri
+
+__all__ = ["SweepResult", "run_sweep", "sweep_from_file"]
+
+SWEEP_TAG = "ray_aekd.sweep"
+
+
+@dataclasses.dataclass
+class SweepResult:
+    name: str
+    mlflow_run_id: str | None
+    trials: list[dict[str, Any]]  # per trial: name, values, status, metrics, student_checkpoint, ...
+    best: dict[str, Any] | None  # the best finished trial
+    relabel_forward_passes: int  # teacher forward passes of the soft-label cache made for this sweep
+    teacher_forward_passes: int  # all of them: the cache's and every finished trial's
+    seconds: float
+
+
+def _tune_space(dimensions: list[Dimension]) -> dict[str, Any]:
+    make = {
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v),
+        "choice": lambda v: tune.choice(list(v)),
+        "grid": lambda v: tune.grid_search(list(v)),
+    }
+    return {d.key: make[d.kind](d.values) for d in dimensions}
+
+
+def _trial_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}-{trial_id}"
+
+
+def _run_trial(trial_config: dict[str, Any]) -> None:
+    """Tune function trainable: one distillation run with the sampled values."""
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    values = trial_config["values"]
+    data = apply_values(trial_config["base"], values)
+    data["name"] = _trial_name(trial_config["sweep"], trial_id)
+    data["output_dir"] = trial_config["trials_dir"]
+    config = from_dict(DistillConfig, apply_preset(data))
+    hooks = TrialHooks(
+        parent_run_id=trial_config["parent_run_id"],
+        params={f"sweep.{k}": v for k, v in values.items()},
+        tags={SWEEP_TAG + ".name": trial_config["sweep"], "ray_aekd.trial_id": trial_id},
+        callbacks=(TuneReportCallback(),),
+    )
+    log_file = Path(trial_config["trials_dir"]) / f"{data['name']}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:  # the sweep prints one line per epoch; the rest goes to a file
+        with log_file.open("a") as f:
+            f.write(line + "\n")
+        if line.startswith("warning"):
+            print(f"[{data['name']}] {line}", flush=True)
+
+    distill(config, log=log, trial=hooks)
+
+
+def _short(values: dict[str, Any]) -> str:
+    symbols = {"distill.tolerance": "C", TOLERANCE_FRACTION: "C_frac", "distill.temperature": "T"}
+    parts = []
+    for key, value in values.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"{symbols.get(key, key)}={shown}")
+    return " ".join(parts)
+
+
+class _Progress(tune.Callback):
+    """One line per trial result: the trial, its values, the epoch, the metric, the states of
+    all trials and the best value so far."""
+
+    def __init__(self, sweep: SweepConfig, epochs: int) -> None:
+        self.sweep, self.epochs = sweep, epochs
+        self.best: tuple[float, str] | None = None
+
+    @staticmethod
+    def log(line: str) -> None:  # Tune pickles its callbacks: no bound logger here
+        print(line, flush=True)
+
+    def _states(self, trials: list) -> str:
+        counts: dict[str, int] = {}
+        for trial in trials:
+            counts[trial.status] = counts.get(trial.status, 0) + 1
+        return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        metric = self.sweep.metric
+        if metric not in result:
+            return
+        value = float(result[metric])
+        better = self.best is None or (value > self.best[0] if self.sweep.direction == "max" else value < self.best[0])
+        if better:
+            self.best = (value, trial.trial_id)
+        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+        self.log(
+            f"[sweep {self.sweep.name}] {trial.trial_id} {_short(trial.config['values'])}  epoch "
+            f"{int(result.get('epoch', 0))}/{self.epochs}  {metric} {value:.4f}  | {self._states(trials)} | {best}"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.log(f"[sweep {self.sweep.name}] {trial.trial_id} done | {self._states(trials)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.log(f"[sweep {self.sweep.name}] {trial.trial_id} FAILED (see {trial.local_path}) | {self._states(trials)}")
+
+
+def sweep_from_file(
+    path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable[[str], None] = print
+) -> SweepResult:
+    """Load and check the sweep config at ``path`` (with ``--set`` overrides), then run it."""
+    sweep, base = load_sweep(path, overrides)
+    return run_sweep(sweep, base, log)
+
+
+def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], None] = print) -> SweepResult:
+    """Run ``sweep`` over the base distillation config data ``base``; see the module docstring."""
+    start = time.perf_counter()
+    limit_mlflow_retries()
+    dimensions = parse_space(sweep.space, base, sweep.search.algorithm, sweep.soft_label_cache)
+    config = from_dict(DistillConfig, apply_preset(base))
+    sweep_dir = Path(sweep.output_dir).resolve() / sweep.name
+    trials_dir = sweep_dir / "trials"
+    # every trial runs elsewhere: give them absolute paths (data, teachers, cache)
+    resolved = resolve_paths(config, sweep_dir)
+    base = dict(base)
+    base["teachers"] = [
+        dict(t, checkpoint=r.checkpoint) for t, r in zip(base["teachers"], resolved.teachers, strict=True)
+    ]
+    if resolved.data.path is not None:
+        base["data"] = dict(base.get("data", {}), path=resolved.data.path)
+    if config.cache.path is not None and "://" not in config.cache.path:
+        base["cache"] = dict(base.get("cache", {}), path=str(Path(config.cache.path).resolve()))
+    config = from_dict(DistillConfig, apply_preset(base))
+
+    cpus, gpus, what = _resources(config, stage_specs(config))
+    connect(
+        cpus + sweep.trial_cpus,
+        gpus,
+        f"one trial ({what} and its driver)",
+        "lower workers.cpus_per_worker or trial_cpus in the sweep's overrides",
+        local_cpus=(cpus + sweep.trial_cpus) * sweep.max_concurrent_trials,
+    )
+    relabel_passes = 0
+    if sweep.soft_label_cache:
+        before = read_manifest(cache_uri(config))
+        manifest = relabel(config, log=log)  # kept as it is when it was made for the same teachers and data
+        if before is None or before.get("created") != manifest.get("created"):
+            relabel_passes = int(sum(manifest["teacher_forward_passes"].values()))
+
+    uri = resolve_tracking_uri(config.tracking.uri)
+    parent_id = _open_parent(sweep, config, uri, log)
+    epochs = config.train.epochs
+    scheduler = None
+    if sweep.scheduler.type == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=epochs,
+            grace_period=min(sweep.scheduler.grace_period, epochs),
+            reduction_factor=sweep.scheduler.reduction_factor,
+        )
+    search_alg = None
+    if sweep.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=sweep.search.seed)
+    elif sweep.search.algorithm == "random":
+        search_alg = tune.search.BasicVariantGenerator(random_state=sweep.search.seed)
+    log(
+        f"sweep {sweep.name}: {sweep.search.algorithm} search over {', '.join(d.key for d in dimensions)}; "
+        f"{sweep.num_samples} sample(s), up to {sweep.max_concurrent_trials} trial(s) at once"
+        + (", ASHA on " + sweep.metric if scheduler else "")
+        + (f"; MLflow parent run {parent_id} at {uri}" if parent_id else "")
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(_run_trial, {"CPU": sweep.trial_cpus}),
+        param_space={
+            "values": _tune_space(dimensions),
+            "base": base,
+            "sweep": sweep.name,
+            "trials_dir": str(trials_dir),
+            "parent_run_id": parent_id,
+        },
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.direction,
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            scheduler=scheduler,
+            search_alg=search_alg,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(sweep_dir / "_tune"),
+            callbacks=[_Progress(sweep, epochs)],
+            verbose=0,
+        ),
+    )
+    status = "FAILED"
+    try:
+        grid = tuner.fit()
+        status = "FINISHED"
+    finally:
+        if parent_id is not None:
+            _close_children(uri, parent_id)
+            if status == "FAILED":
+                _terminate(uri, parent_id, status, log)
+    trials = _trial_rows(grid, sweep, trials_dir)
+    finished = [t for t in trials if t["status"] == "FINISHED" and sweep.metric in t["metrics"]]
+    sign = 1 if sweep.direction == "max" else -1
+    best = max(finished, key=lambda t: sign * t["metrics"][sweep.metric]) if finished else None
+    trial_passes = sum(t["teacher_forward_passes"] for t in trials)
+    result = SweepResult(
+        name=sweep.name,
+        mlflow_run_id=parent_id,
+        trials=trials,
+        best=best,
+        relabel_forward_passes=relabel_passes,
+        teacher_forward_passes=relabel_passes + trial_passes,
+        seconds=time.perf_counter() - start,
+    )
+    (sweep_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    if parent_id is not None:
+        _finish_parent(sweep, result, uri, parent_id, sweep_dir, log)
+    log(_summary(sweep, result))
+    return result
+
+
+def _open_parent(sweep: SweepConfig, config: DistillConfig, uri: str, log: Callable[[str], None]) -> str | None:
+    """The sweep's parent run: the sweep config and the search space as params."""
+    try:
+        client = MlflowClient(uri)
+        run = client.create_run(
+            experiment_id(client, config.tracking.experiment), run_name=sweep.name, tags={SWEEP_TAG: "true"}
+        )
+        values = {f"sweep.{k}": v for k, v in flatten(sweep).items() if not k.startswith(("space", "overrides"))}
+        values |= {f"space.{k}": json.dumps(v) for k, v in sweep.space.items()}
+        values |= {f"base.{k}": v for k, v in flatten(config).items()}
+        params = [Param(k, str(v)[:6000]) for k, v in values.items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return run.info.run_id
+    except Exception as error:  # an unreachable tracking server must not stop the sweep
+        log(f"warning: MLflow at {uri} is not reachable ({type(error).__name__}: {error}); sweeping without it.")
+        return None
+
+
+def _close_children(uri: str, parent_id: str) -> None:
+    """Children still RUNNING were stopped by the scheduler (or died with their trial): KILLED."""
+    try:
+        client = MlflowClient(uri)
+        parent = client.get_run(parent_id)
+        runs = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+        for run in runs:
+            client.set_tag(run.info.run_id, "ray_aekd.stopped_early", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception:  # best effort: the runs are still there, only their status is stale
+        pass
+
+
+def _terminate(uri: str, run_id: str, status: str, log: Callable[[str], None]) -> None:
+    try:
+        MlflowClient(uri).set_terminated(run_id, status)
+    except Exception as error:
+        log(f"warning: could not mark MLflow run {run_id} {status} ({error}).")
+
+
+def _trial_rows(grid: Any, sweep: SweepConfig, trials_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        name = _trial_name(sweep.name, str(metrics.get("trial_id", "unknown")))
+        run_dir = trials_dir / name
+        summary = run_dir / "result.json"
+        done = json.loads(summary.read_text()) if summary.exists() else None
+        status = "FINISHED" if done else ("FAILED" if result.error else "STOPPED")
+        rows.append(
+            {
+                "name": name,
+                "values": result.config["values"],
+                "status": status,
+                "epochs": int(metrics.get("epoch", 0)),
+                "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "train/", "weights/"))},
+                "student_checkpoint": done["student_checkpoint"] if done else None,
+                "mlflow_run_id": done["mlflow_run_id"] if done else None,
+                "teacher_forward_passes": int(sum(done["teacher_forward_passes"].values())) if done else 0,
+                "error": str(result.error) if result.error else None,
+            }
+        )
+    return rows
+
+
+def _finish_parent(
+    sweep: SweepConfig, result: SweepResult, uri: str, parent_id: str, sweep_dir: Path, log: Callable[[str], None]
+) -> None:
+    """On the parent run: the best trial's params and metrics, the table of trials, the plots."""
+    try:
+        client = MlflowClient(uri)
+        stamp = int(time.time() * 1000)
+        metrics = [Metric("teacher_forward_passes", float(result.teacher_forward_passes), stamp, 0)]
+        params = []
+        if result.best is not None:
+            best = result.best
+            metrics += [Metric(k, float(v), stamp, best["epochs"]) for k, v in best["metrics"].items()]
+            params = [Param(f"best.{k}", str(v)) for k, v in best["values"].items()]
+            client.set_tag(parent_id, "ray_aekd.best_run_id", str(best["mlflow_run_id"]))
+            client.set_tag(parent_id, "ray_aekd.best_trial", best["name"])
+        client.log_batch(parent_id, metrics=metrics, params=params)
+        rows = rank_runs(collect_runs(uri, sweep=parent_id))
+        if rows:
+            write_csv(rows, sweep_dir / "trials.csv")
+            plots = sweep_dir / "plots"
+            plot_metric_against(rows, "tolerance", plots / "acc1_vs_tolerance.png", f"{sweep.name}: val/acc1 vs C")
+            plot_metric_against(rows, "temperature", plots / "acc1_vs_temperature.png", f"{sweep.name}: val/acc1 vs T")
+            client.log_artifact(parent_id, str(sweep_dir / "trials.csv"))
+            client.log_artifacts(parent_id, str(plots), "plots")
+            log(format_table(rows, uri, sweep=parent_id))
+        client.log_artifact(parent_id, str(sweep_dir / "summary.json"))
+        client.set_terminated(parent_id, "FINISHED")
+    except Exception as error:
+        log(f"warning: MLflow at {uri} failed while closing the sweep's run ({type(error).__name__}: {error}).")
+
+
+def _summary(sweep: SweepConfig, result: SweepResult) -> str:
+    counts: dict[str, int] = {}
+    for trial in result.trials:
+        counts[trial["status"]] = counts.get(trial["status"], 0) + 1
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    lines = [f"sweep {sweep.name}: {len(result.trials)} trial(s) ({states}) in {result.seconds:.0f} s; "
+             f"{result.teacher_forward_passes} teacher forward passes"]  # fmt: skip
+    if result.best is None:
+        lines.append("no trial finished; see the trial logs under " + str(Path(sweep.output_dir) / sweep.name))
+    else:
+        best = result.best
+        lines.append(
+            f"best: {_short(best['values'])}  {sweep.metric} {best['metrics'][sweep.metric]:.4f}  "
+            f"(trial {best['name']}, MLflow run {best['mlflow_run_id']})"
+        )
+        lines.append(f"best student checkpoint: {best['student_checkpoint']}")
+    return "\n".join(lines)
