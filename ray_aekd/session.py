@@ -10,7 +10,14 @@ import ray
 __all__ = ["connect"]
 
 
-def connect(num_cpus: float, num_gpus: float, what: str, hint: str, local_cpus: float | None = None) -> None:
+def connect(
+    num_cpus: float,
+    num_gpus: float,
+    what: str,
+    hint: str,
+    local_cpus: float | None = None,
+    log_to_driver: bool = True,
+) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (as ``ray job submit`` sets it) or start a
     local Ray, then refuse, before anything is scheduled, work that cannot fit on it.
 
@@ -21,14 +28,16 @@ def connect(num_cpus: float, num_gpus: float, what: str, hint: str, local_cpus: 
         local_cpus: logical CPUs for a local Ray (default: enough for ``num_cpus``). Ray's CPU
             count is a scheduling budget, not a thread limit: a laptop gets enough of them for
             the workers, teacher actors and data tasks of the run to be scheduled together.
+        log_to_driver: echo the workers' output here (a sweep turns it off: its trials run
+            concurrently and it prints one line per trial and epoch itself).
     """
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
             wanted = num_cpus if local_cpus is None else local_cpus
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted) + 1))
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted) + 1), log_to_driver=log_to_driver)
     total = ray.cluster_resources()
     for name, need in (("GPU", num_gpus), ("CPU", num_cpus)):
         have = total.get(name, 0)

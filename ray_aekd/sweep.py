@@ -53,6 +53,7 @@ class SweepResult:
     trials: list[dict[str, Any]]  # per trial: name, values, status, metrics, student_checkpoint, ...
     best: dict[str, Any] | None  # the best finished trial
     relabel_forward_passes: int  # teacher forward passes of the soft-label cache made for this sweep
+    cache_forward_passes: int  # what the cache the trials read cost when it was made (now or before)
     teacher_forward_passes: int  # all of them: the cache's and every finished trial's
     seconds: float
 
@@ -182,13 +183,15 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         f"one trial ({what} and its driver)",
         "lower workers.cpus_per_worker or trial_cpus in the sweep's overrides",
         local_cpus=(cpus + sweep.trial_cpus) * sweep.max_concurrent_trials,
+        log_to_driver=False,  # each trial's own log goes to <output_dir>/<name>/trials/<trial>.log
     )
-    relabel_passes = 0
+    relabel_passes = cache_passes = 0
     if sweep.soft_label_cache:
         before = read_manifest(cache_uri(config))
         manifest = relabel(config, log=log)  # kept as it is when it was made for the same teachers and data
+        cache_passes = int(sum(manifest["teacher_forward_passes"].values()))
         if before is None or before.get("created") != manifest.get("created"):
-            relabel_passes = int(sum(manifest["teacher_forward_passes"].values()))
+            relabel_passes = cache_passes
 
     uri = resolve_tracking_uri(config.tracking.uri)
     parent_id = _open_parent(sweep, config, uri, log)
@@ -258,6 +261,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         trials=trials,
         best=best,
         relabel_forward_passes=relabel_passes,
+        cache_forward_passes=cache_passes,
         teacher_forward_passes=relabel_passes + trial_passes,
         seconds=time.perf_counter() - start,
     )
@@ -372,8 +376,12 @@ def _summary(sweep: SweepConfig, result: SweepResult) -> str:
     for trial in result.trials:
         counts[trial["status"]] = counts.get(trial["status"], 0) + 1
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    lines = [f"sweep {sweep.name}: {len(result.trials)} trial(s) ({states}) in {result.seconds:.0f} s; "
-             f"{result.teacher_forward_passes} teacher forward passes"]  # fmt: skip
+    passes = f"{result.teacher_forward_passes} teacher forward passes"
+    if result.cache_forward_passes and not result.relabel_forward_passes:
+        passes += f" (the trials read a soft-label cache made before, which cost {result.cache_forward_passes})"
+    elif result.relabel_forward_passes:
+        passes += f" ({result.relabel_forward_passes} of them making the soft-label cache)"
+    lines = [f"sweep {sweep.name}: {len(result.trials)} trial(s) ({states}) in {result.seconds:.0f} s; {passes}"]
     if result.best is None:
         lines.append("no trial finished; see the trial logs under " + str(Path(sweep.output_dir) / sweep.name))
     else:
