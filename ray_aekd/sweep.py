@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,8 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
     """Tune function trainable: one distillation run with the sampled values."""
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    # MLFLOW_TRACKING_URI wins over the config: this worker process may hold another store's
+    os.environ["MLFLOW_TRACKING_URI"] = trial_config["base"]["tracking"]["uri"]
     values = trial_config["values"]
     data = apply_values(trial_config["base"], values)
     data["name"] = _trial_name(trial_config["sweep"], trial_id)
@@ -194,13 +197,17 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
             relabel_passes = cache_passes
 
     uri = resolve_tracking_uri(config.tracking.uri)
+    # the trials log where the driver does, whatever their processes' environment says
+    base["tracking"] = dict(base.get("tracking") or {}, uri=uri)
     parent_id = _open_parent(sweep, config, uri, log)
     epochs = config.train.epochs
     scheduler = None
     if sweep.scheduler.type == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="training_iteration",
-            max_t=epochs,
+            # above the last epoch: ASHA stops a trial that reaches max_t, which would cut off
+            # the export of its student after the last report
+            max_t=epochs + 1,
             grace_period=min(sweep.scheduler.grace_period, epochs),
             reduction_factor=sweep.scheduler.reduction_factor,
         )
@@ -210,7 +217,10 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
 
         search_alg = OptunaSearch(seed=sweep.search.seed)
     elif sweep.search.algorithm == "random":
-        search_alg = tune.search.BasicVariantGenerator(random_state=sweep.search.seed)
+        # given explicitly, the generator needs the concurrency limit itself (Tune does not pass it on)
+        search_alg = tune.search.BasicVariantGenerator(
+            random_state=sweep.search.seed, max_concurrent=sweep.max_concurrent_trials
+        )
     log(
         f"sweep {sweep.name}: {sweep.search.algorithm} search over {', '.join(d.key for d in dimensions)}; "
         f"{sweep.num_samples} sample(s), up to {sweep.max_concurrent_trials} trial(s) at once"

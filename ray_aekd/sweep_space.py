@@ -271,9 +271,15 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         if not base["cache"].get("path"):
             base["cache"]["path"] = str(Path(sweep.output_dir) / sweep.name / "soft_labels")
     try:
-        from_dict(DistillConfig, apply_preset(base))
+        config = from_dict(DistillConfig, apply_preset(base))
     except ConfigError as error:
         raise ConfigError(f"base ({base_path}) with overrides: {error}") from None
+    _check(
+        config.workers.num_workers >= 1,
+        "overrides.workers.num_workers",
+        config.workers.num_workers,
+        "an integer >= 1 in a sweep (Train's local mode, 0, does not report to Tune)",
+    )
     parse_space(sweep.space, base, sweep.search.algorithm, sweep.soft_label_cache)
     if sweep.search.algorithm == "optuna":
         try:
