@@ -165,6 +165,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
     limit_mlflow_retries()
     dimensions = parse_space(sweep.space, base, sweep.search.algorithm, sweep.soft_label_cache)
     config = from_dict(DistillConfig, apply_preset(base))
+    if sweep.teachers is not None:
+        _train_missing_teachers(config, sweep.teachers, log)
     sweep_dir = Path(sweep.output_dir).resolve() / sweep.name
     trials_dir = sweep_dir / "trials"
     # every trial runs elsewhere: give them absolute paths (data, teachers, cache)
@@ -280,6 +282,25 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         _finish_parent(sweep, result, uri, parent_id, sweep_dir, log)
     log(_summary(sweep, result))
     return result
+
+
+def _train_missing_teachers(config: DistillConfig, teachers_file: str, log: Callable[[str], None]) -> None:
+    """Train the teachers of ``teachers_file`` when one of the base config's local teacher
+    checkpoints is missing (a fresh machine); refuse if they are still missing afterwards."""
+    missing = [t.name for t in config.teachers if "://" not in t.checkpoint and not Path(t.checkpoint).exists()]
+    if not missing:
+        return
+    from ray_aekd.config import TeachersConfig, load_config
+    from ray_aekd.teachers import train_teachers
+
+    log(f"teacher checkpoint(s) of {', '.join(missing)} missing: training the teachers of {teachers_file} first")
+    train_teachers(load_config(TeachersConfig, teachers_file), log=log)
+    still = [t.checkpoint for t in config.teachers if "://" not in t.checkpoint and not Path(t.checkpoint).exists()]
+    if still:
+        raise ValueError(
+            f"teachers: {teachers_file} did not make the checkpoints the base config names ({', '.join(still)}); "
+            "make its output_dir and teacher names match the base config's teachers.<i>.checkpoint."
+        )
 
 
 def _open_parent(sweep: SweepConfig, config: DistillConfig, uri: str, log: Callable[[str], None]) -> str | None:

@@ -87,6 +87,7 @@ class SchedulerConfig:
 class SweepConfig:
     base: str  # the distillation config; a relative path is read next to the sweep file first
     space: dict[str, Any]  # dotted key -> {distribution: arguments}
+    teachers: str | None = None  # a teachers config: trains the teachers first when a checkpoint is missing
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged into the base config
     name: str = "sweep"  # the parent MLflow run; trials are <name>-<trial id>
     output_dir: str = "runs/sweep"
@@ -251,15 +252,26 @@ def parse_space(space: dict[str, Any], base: dict[str, Any], algorithm: str, cac
     return dimensions
 
 
+def _beside(sweep_file: str | Path | None, name: str) -> Path:
+    """``name`` next to the sweep file if it is there, else as given (relative to the working directory)."""
+    path = Path(name)
+    if not path.is_absolute() and sweep_file is not None and (Path(sweep_file).parent / path).is_file():
+        return Path(sweep_file).parent / path
+    return path
+
+
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, dict[str, Any]]:
     """``(sweep, base)``: the validated sweep config and its base distillation config as plain
     data (overrides merged, preset not yet applied), both checked."""
     sweep = load_config(SweepConfig, path, overrides)
-    base_path = Path(sweep.base)
-    if not base_path.is_absolute() and path is not None and (Path(path).parent / base_path).is_file():
-        base_path = Path(path).parent / base_path
+    base_path = _beside(path, sweep.base)
     if not base_path.is_file():
         raise ConfigError(f"base: got {sweep.base!r}; allowed: a distillation config file (none found there).")
+    if sweep.teachers is not None:
+        teachers_path = _beside(path, sweep.teachers)
+        if not teachers_path.is_file():
+            raise ConfigError(f"teachers: got {sweep.teachers!r}; allowed: a teachers config file, or null.")
+        sweep = dataclasses.replace(sweep, teachers=str(teachers_path))
     try:
         base = yaml.safe_load(base_path.read_text()) or {}
     except yaml.YAMLError as error:
