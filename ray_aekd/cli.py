@@ -72,9 +72,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ray_aekd.compare import compare, format_table
+    from mlflow.exceptions import MlflowException
 
-    rows, plot = compare(args.tracking_uri, args.experiment, args.sweep, args.output_dir)
+    from ray_aekd.compare import compare, format_table
+    from ray_aekd.tracking import resolve_tracking_uri
+
+    try:
+        rows, plot = compare(args.tracking_uri, args.experiment, args.sweep, args.output_dir)
+    except MlflowException as error:  # an unreachable or failing store: one line, as for bad input
+        uri = resolve_tracking_uri(args.tracking_uri)
+        raise ValueError(f"--tracking-uri: MLflow at {uri} failed ({str(error).splitlines()[0]}).") from None
     print(format_table(rows, args.tracking_uri, args.experiment, args.sweep))
     print(f"plot: {plot}; table: {plot.with_name('compare.csv')}")
     return 0

@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from ray_aekd.config import DistillConfig, flatten
 from ray_aekd.data import open_source, split_indices
-from ray_aekd.pipeline import TeacherStageSpec, ViewClock, distill_dataset
+from ray_aekd.pipeline import ViewClock, distill_dataset
 from ray_aekd.prepare import check_run, resolve_paths, stage_specs, teacher_accuracy
 from ray_aekd.session import connect
 from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache
@@ -173,7 +173,7 @@ def distill(
         _check_resume(config, run_dir, weights)
     workers = config.workers
     if trial is None:  # a sweep has checked its cluster already
-        connect(*_resources(config, stages), hint=_RESOURCE_HINT)
+        connect(*_resources(config), hint=_RESOURCE_HINT)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = json.loads(json.dumps(flatten(config))) | {
         "__teachers__": [t.name for t in config.teachers],
@@ -287,19 +287,19 @@ def distill(
 _RESOURCE_HINT = "lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors"
 
 
-def _resources(config: DistillConfig, stages: list[TeacherStageSpec]) -> tuple[float, float, str]:
-    """``(CPUs, GPUs, what)`` one distillation run needs at once."""
+def _resources(config: DistillConfig) -> tuple[float, float, str]:
+    """``(CPUs, GPUs, what)`` one distillation run needs at once (from the config alone)."""
     workers = config.workers
     cached = config.cache.path is not None
+    teachers = [] if cached else config.teachers
+    pools = [t for t in teachers if t.stage == "actors" or (t.stage == "auto" and t.num_gpus > 0)]
     # actor pools hold their CPUs for the whole run; tasks only while they run (one at a time is enough)
-    held = 0.0 if cached else sum(s.num_cpus * s.actors for s in stages if s.stage == "actors")
-    transient = max([1.0] + [s.num_cpus for s in stages if s.stage == "tasks" and not cached])
+    held = sum(t.num_cpus * t.actors for t in pools)
+    transient = max([1.0] + [t.num_cpus for t in teachers if t not in pools])
     cpus = held + transient + max(1, workers.num_workers) * workers.cpus_per_worker
-    gpus = (0.0 if cached else sum(s.num_gpus * s.actors for s in stages)) + (
-        workers.num_workers if workers.use_gpu else 0
-    )
-    teachers = "the soft-label cache" if cached else f"{len(stages)} teacher stage(s)"
-    return cpus, gpus, f"{teachers} and {max(1, workers.num_workers)} train worker(s)"
+    gpus = sum(t.num_gpus * t.actors for t in pools) + (workers.num_workers if workers.use_gpu else 0)
+    stages = "the soft-label cache" if cached else f"{len(teachers)} teacher stage(s)"
+    return cpus, gpus, f"{stages} and {max(1, workers.num_workers)} train worker(s)"
 
 
 def format_result(result: DistillResult) -> str:

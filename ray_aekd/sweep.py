@@ -35,8 +35,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
 from ray_aekd.config import DistillConfig, apply_preset, flatten, from_dict
+from ray_aekd.data import open_source, split_indices
 from ray_aekd.distill import TrialHooks, _resources, distill
-from ray_aekd.prepare import resolve_paths, stage_specs
+from ray_aekd.prepare import check_run, resolve_paths
 from ray_aekd.session import connect
 from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
 from ray_aekd.sweep_space import TOLERANCE_FRACTION, Dimension, SweepConfig, apply_values, load_sweep, parse_space
@@ -165,9 +166,22 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
     limit_mlflow_retries()
     dimensions = parse_space(sweep.space, base, sweep.search.algorithm, sweep.soft_label_cache)
     config = from_dict(DistillConfig, apply_preset(base))
-    if sweep.teachers is not None:
-        _train_missing_teachers(config, sweep.teachers, log)
     sweep_dir = Path(sweep.output_dir).resolve() / sweep.name
+    train_first = sweep.teachers is not None and bool(_missing_teachers(config))
+    if not train_first:
+        _check_base(config, sweep_dir)  # bad teachers or data: one error before any trial is scheduled
+    cpus, gpus, what = _resources(config)
+    connect(
+        cpus + sweep.trial_cpus,
+        gpus,
+        f"one trial ({what} and its driver)",
+        "lower workers.cpus_per_worker or trial_cpus in the sweep's overrides",
+        local_cpus=(cpus + sweep.trial_cpus) * sweep.max_concurrent_trials,
+        log_to_driver=False,  # each trial's own log goes to <output_dir>/<name>/trials/<trial>.log
+    )
+    if train_first:
+        _train_missing_teachers(config, str(sweep.teachers), log)
+        _check_base(config, sweep_dir)
     trials_dir = sweep_dir / "trials"
     # every trial runs elsewhere: give them absolute paths (data, teachers, cache)
     resolved = resolve_paths(config, sweep_dir)
@@ -181,15 +195,6 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         base["cache"] = dict(base.get("cache", {}), path=str(Path(config.cache.path).resolve()))
     config = from_dict(DistillConfig, apply_preset(base))
 
-    cpus, gpus, what = _resources(config, stage_specs(config))
-    connect(
-        cpus + sweep.trial_cpus,
-        gpus,
-        f"one trial ({what} and its driver)",
-        "lower workers.cpus_per_worker or trial_cpus in the sweep's overrides",
-        local_cpus=(cpus + sweep.trial_cpus) * sweep.max_concurrent_trials,
-        log_to_driver=False,  # each trial's own log goes to <output_dir>/<name>/trials/<trial>.log
-    )
     relabel_passes = cache_passes = 0
     if sweep.soft_label_cache:
         before = read_manifest(cache_uri(config))
@@ -284,12 +289,25 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
     return result
 
 
+def _missing_teachers(config: DistillConfig) -> list[str]:
+    return [t.name for t in config.teachers if "://" not in t.checkpoint and not Path(t.checkpoint).exists()]
+
+
+def _check_base(config: DistillConfig, sweep_dir: Path) -> None:
+    """The checks of ``ray-aekd distill`` on the base config: teachers against the data, the
+    student on one image, batch sizes."""
+    resolved = resolve_paths(config, sweep_dir)
+    source = open_source(
+        resolved.data.dataset, resolved.data.path, download=resolved.data.download, size=resolved.data.image_size
+    )
+    train_idx, _ = split_indices(len(source), resolved.data.val_fraction, resolved.seed)
+    check_run(resolved, source, len(train_idx))
+
+
 def _train_missing_teachers(config: DistillConfig, teachers_file: str, log: Callable[[str], None]) -> None:
-    """Train the teachers of ``teachers_file`` when one of the base config's local teacher
-    checkpoints is missing (a fresh machine); refuse if they are still missing afterwards."""
-    missing = [t.name for t in config.teachers if "://" not in t.checkpoint and not Path(t.checkpoint).exists()]
-    if not missing:
-        return
+    """Train the teachers of ``teachers_file`` (a fresh machine has no checkpoints yet); refuse
+    if the base config's checkpoints are still missing afterwards."""
+    missing = _missing_teachers(config)
     from ray_aekd.config import TeachersConfig, load_config
     from ray_aekd.teachers import train_teachers
 
