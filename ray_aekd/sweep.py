@@ -258,13 +258,13 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
             verbose=0,
         ),
     )
-    status = "FAILED"
+    status, grid = "FAILED", None
     try:
         grid = tuner.fit()
         status = "FINISHED"
     finally:
         if parent_id is not None:
-            _close_children(uri, parent_id)
+            _close_children(uri, parent_id, grid)
             if status == "FAILED":
                 _terminate(uri, parent_id, status, log)
     trials = _trial_rows(grid, sweep, trials_dir)
@@ -340,8 +340,10 @@ def _open_parent(sweep: SweepConfig, config: DistillConfig, uri: str, log: Calla
         return None
 
 
-def _close_children(uri: str, parent_id: str) -> None:
-    """Children still RUNNING were stopped by the scheduler (or died with their trial): KILLED."""
+def _close_children(uri: str, parent_id: str, grid: Any) -> None:
+    """Children still RUNNING were stopped by the scheduler (or died with their trial): mark
+    them KILLED, and give them the epochs Tune saw that rank 0 had no time to log (it logs
+    after each report, and a stopped trial is killed right after one)."""
     try:
         client = MlflowClient(uri)
         parent = client.get_run(parent_id)
@@ -350,7 +352,25 @@ def _close_children(uri: str, parent_id: str) -> None:
             filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
             max_results=1000,
         )
+        reported = {}
+        for result in grid or []:
+            frame = result.metrics_dataframe
+            if frame is not None and len(frame) and "trial_id" in frame:
+                reported[str(frame["trial_id"].iloc[0])] = frame
         for run in runs:
+            frame = reported.get(run.data.tags.get("ray_aekd.trial_id", ""))
+            if frame is not None:
+                logged = {m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")}
+                stamp = int(time.time() * 1000)
+                metrics = [
+                    Metric(str(k), float(row[k]), stamp, int(row["epoch"]))
+                    for _, row in frame.iterrows()
+                    if int(row["epoch"]) not in logged
+                    for k in frame.columns
+                    if str(k).startswith(("val/", "train/", "weights/")) and row[k] == row[k]  # not NaN
+                ]
+                for i in range(0, len(metrics), 500):
+                    client.log_batch(run.info.run_id, metrics=metrics[i : i + 500])
             client.set_tag(run.info.run_id, "ray_aekd.stopped_early", "true")
             client.set_terminated(run.info.run_id, "KILLED")
     except Exception:  # best effort: the runs are still there, only their status is stale
