@@ -91,7 +91,9 @@ def test_a_stale_or_missing_cache_is_refused_with_what_differs(local_ray, digits
     with pytest.raises(ValueError, match=r"seed = 0 \(this run: 1\); train_indices \(another split of the data\)"):
         distill(config(digits_teachers, tmp_path, "name=stale", "seed=1"))
     with pytest.raises(ValueError, match=r"teachers \['cnn_a', 'cnn_b', 'mlp_c'\] \(this run: \['cnn_a', 'cnn_b'\]\)"):
-        distill(config(digits_teachers, tmp_path, "name=stale", *teacher_overrides(digits_teachers, ("cnn_a", "cnn_b"))))
+        distill(
+            config(digits_teachers, tmp_path, "name=stale", *teacher_overrides(digits_teachers, ("cnn_a", "cnn_b")))
+        )
     assert not (tmp_path / "out" / "stale").exists()  # refused before the run started
 
     # relabel refuses to overwrite a cache made for other teachers unless told to

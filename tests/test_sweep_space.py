@@ -49,11 +49,20 @@ def test_the_tolerance_fraction_maps_onto_one_over_m_to_one():
 @pytest.mark.parametrize(
     ("space", "message"),
     [
-        ({"distill.temperature": {"normal": [0, 1]}}, "space.distill.temperature: got {'normal': [0, 1]}; allowed: one"),
+        (
+            {"distill.temperature": {"normal": [0, 1]}},
+            "space.distill.temperature: got {'normal': [0, 1]}; allowed: one",
+        ),
         ({"distill.temperature": [1, 2]}, "space.distill.temperature: got [1, 2]; allowed: one distribution"),
-        ({"distill.temperature": {"uniform": [4, 2]}}, "space.distill.temperature.uniform: got [4, 2]; allowed: [lo, hi] with lo < hi"),
+        (
+            {"distill.temperature": {"uniform": [4, 2]}},
+            "space.distill.temperature.uniform: got [4, 2]; allowed: [lo, hi] with lo < hi",
+        ),
         ({"distill.temperature": {"loguniform": [0, 2]}}, "allowed: [lo, hi] with 0 < lo < hi"),
-        ({"train.epochs": {"randint": [1.5, 3]}}, "space.train.epochs.randint: got [1.5, 3]; allowed: [lo, hi], integers"),
+        (
+            {"train.epochs": {"randint": [1.5, 3]}},
+            "space.train.epochs.randint: got [1.5, 3]; allowed: [lo, hi], integers",
+        ),
         ({"train.lr": {"choice": []}}, "space.train.lr.choice: got []; allowed: a non-empty list"),
         ({"train.lr": {"choice": [{"a": 1}]}}, "allowed: plain values"),
         ({"distill.temperature": {"uniform": [1, "x"]}}, "allowed: [lo, hi], two finite numbers"),
