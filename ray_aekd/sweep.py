@@ -270,7 +270,15 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
     trials = _trial_rows(grid, sweep, trials_dir)
     finished = [t for t in trials if t["status"] == "FINISHED" and sweep.metric in t["metrics"]]
     sign = 1 if sweep.direction == "max" else -1
-    best = max(finished, key=lambda t: sign * t["metrics"][sweep.metric]) if finished else None
+    # ties broken as `ray-aekd compare` ranks them: then val/agreement, then name
+    best = (
+        max(  # the first of equal trials in name order wins
+            sorted(finished, key=lambda t: t["name"]),
+            key=lambda t: (sign * t["metrics"][sweep.metric], t["metrics"].get("val/agreement", float("-inf"))),
+        )
+        if finished
+        else None
+    )
     trial_passes = sum(t["teacher_forward_passes"] for t in trials)
     result = SweepResult(
         name=sweep.name,
