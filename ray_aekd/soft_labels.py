@@ -43,6 +43,7 @@ from ray_aekd.data import open_source, split_indices
 from ray_aekd.data.ray_dataset import to_ray_dataset
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.pipeline import (
+    _TASK_CPUS,
     TeacherStageSpec,
     ViewClock,
     add_teacher_stages,
@@ -57,8 +58,6 @@ __all__ = ["MANIFEST", "cache_identity", "cached_dataset", "check_cache", "read_
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-# one CPU per data task, as in ray_aekd.pipeline
-_TASK_CPUS = 1.0
 
 
 def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
