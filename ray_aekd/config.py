@@ -58,6 +58,34 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}: got {value!r}; allowed: {allowed}.")
 
 
+def _check_resources(key: str, resources: dict[str, Any]) -> None:
+    """Custom Ray resources (``{"teacher_gpu": 1}``): names a node offers, amounts Ray can book."""
+    for name, amount in resources.items():
+        where = f"{key}.{name}"
+        _check(isinstance(name, str) and bool(name), key, resources, "a mapping of resource names to amounts")
+        _check(
+            name not in ("CPU", "GPU", "memory", "object_store_memory"),
+            where,
+            amount,
+            "a custom resource; CPUs and GPUs have their own keys (num_cpus/num_gpus, cpus_per_worker/use_gpu)",
+        )
+        ok = isinstance(amount, int | float) and not isinstance(amount, bool) and math.isfinite(amount)
+        _check(
+            ok and (0 < amount <= 1 or float(amount).is_integer() and amount > 0),
+            where,
+            amount,
+            "a number in (0, 1] or a whole number > 1 (Ray books fractions of one unit only)",
+        )
+
+
+def _check_labels(key: str, selector: dict[str, Any]) -> None:
+    """A Ray label selector (``{"ray-aekd/role": "teacher"}``): node label -> value (Ray's syntax:
+    ``value``, ``!value``, ``in(a,b)``, ``!in(a,b)``)."""
+    for name, value in selector.items():
+        _check(isinstance(name, str) and bool(name), key, selector, "a mapping of node label names to values")
+        _check(isinstance(value, str) and bool(value), f"{key}.{name}", value, "a string (quote numbers)")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"
@@ -229,8 +257,12 @@ class DistillTeacher:
     actors: int = 1  # size of this teacher's actor pool (stage: actors)
     batch_size: int = 256  # inference batch size
     stage: str = "auto"  # actors | tasks | auto (actors when num_gpus > 0, else tasks)
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor/task
+    label_selector: dict[str, str] = dataclasses.field(default_factory=dict)  # run only on nodes with these labels
 
     def validate(self, prefix: str) -> None:
+        _check_resources(f"{prefix}.resources", self.resources)
+        _check_labels(f"{prefix}.label_selector", self.label_selector)
         stages = ("auto", "actors", "tasks")
         _check(self.stage in stages, f"{prefix}.stage", self.stage, ", ".join(stages))
         _check(
@@ -299,11 +331,22 @@ class WorkersConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False  # one GPU per worker, NCCL; otherwise gloo on CPU
     max_failures: int = 0  # worker-group restarts, each resuming from the last checkpoint
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per worker
+    label_selector: dict[str, str] = dataclasses.field(default_factory=dict)  # run only on nodes with these labels
 
     def validate(self, prefix: str) -> None:
+        _check_resources(f"{prefix}.resources", self.resources)
+        _check_labels(f"{prefix}.label_selector", self.label_selector)
         _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
         _check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= 0, or -1")
+        for key in ("resources", "label_selector"):
+            _check(
+                not (getattr(self, key) and self.num_workers == 0),
+                f"{prefix}.{key}",
+                getattr(self, key),
+                "empty when num_workers is 0 (local mode runs the loop in this process, not on a placed worker)",
+            )
         _check(
             not (self.use_gpu and self.num_workers == 0),
             f"{prefix}.use_gpu",
@@ -332,7 +375,8 @@ class DistillConfig:
     cache: CacheConfig = CacheConfig()
     tracking: DistillTrackingConfig = DistillTrackingConfig(experiment="ray-aekd")
     name: str = "distill"  # MLflow run name and the run folder under output_dir
-    output_dir: str = "runs/distill"
+    output_dir: str = "runs/distill"  # run folders; on a multi-node cluster a path every node sees (NFS)
+    storage_path: str | None = None  # Train checkpoints: shared path, s3://... or gs://...; null: output_dir/_train
     seed: int = 0
 
     def validate(self, prefix: str) -> None:
@@ -369,6 +413,7 @@ class DistillConfig:
             )
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
+        _check(self.storage_path != "", "storage_path", self.storage_path, "a path or URI (s3://, gs://), or null")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 

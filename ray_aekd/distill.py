@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -34,8 +35,16 @@ from ray.train.torch import TorchTrainer
 from ray_aekd.config import DistillConfig, flatten
 from ray_aekd.data import open_source, split_indices
 from ray_aekd.pipeline import ViewClock, distill_dataset
-from ray_aekd.prepare import check_run, resolve_paths, stage_specs, teacher_accuracy
-from ray_aekd.session import connect
+from ray_aekd.prepare import (
+    check_run,
+    demand_totals,
+    resolve_paths,
+    run_demands,
+    shared_paths,
+    stage_specs,
+    teacher_accuracy,
+)
+from ray_aekd.session import Demand, check_shared, connect
 from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache
 from ray_aekd.tracking import experiment_id, limit_mlflow_retries, resolve_tracking_uri
 from ray_aekd.train import train_loop
@@ -64,10 +73,24 @@ class DistillResult:
 _RESUMABLE_KEYS = ("train.epochs", "workers.", "tracking.", "teachers.")
 
 
+def train_storage(config: DistillConfig) -> str:
+    """Where Ray Train keeps the run's checkpoints: ``storage_path``, or ``output_dir/_train``."""
+    return config.storage_path or str(Path(config.output_dir) / "_train")
+
+
 def _has_checkpoint(config: DistillConfig) -> bool:
-    """Whether Ray Train will resume this run (a checkpoint under ``output_dir/_train/<name>``)."""
-    folder = Path(config.output_dir) / "_train" / config.name
-    return config.workers.num_workers > 0 and any(folder.glob("checkpoint_*"))
+    """Whether Ray Train will resume this run (a checkpoint under ``<storage>/<name>``)."""
+    if config.workers.num_workers == 0:
+        return False
+    storage = train_storage(config)
+    if "://" not in storage:
+        return any((Path(storage) / config.name).glob("checkpoint_*"))
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage.rstrip("/") + "/" + config.name)
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError as error:
+        raise ValueError(f"storage_path: cannot list {storage!r} ({error}).") from None
+    return any(Path(e.path).name.startswith("checkpoint_") for e in entries)
 
 
 def _check_resume(config: DistillConfig, run_dir: Path, weights: list[str]) -> None:
@@ -91,7 +114,7 @@ def _check_resume(config: DistillConfig, run_dir: Path, weights: list[str]) -> N
         raise ValueError(
             f"name: {config.name!r} is a run in {run_dir} that would be resumed, but these keys differ from it: "
             f"{', '.join(changed)}; allowed: only more train.epochs or other workers/tracking settings. "
-            "Give a new name for a new run (or delete that folder and output_dir/_train/<name>)."
+            "Give a new name for a new run (or delete that folder and its checkpoints under storage_path/<name>)."
         )
 
 
@@ -173,13 +196,17 @@ def distill(
         _check_resume(config, run_dir, weights)
     workers = config.workers
     if trial is None:  # a sweep has checked its cluster already
-        connect(*_resources(config), hint=_RESOURCE_HINT)
+        connect(*_resources(config), hint=_RESOURCE_HINT, demands=_demands(config))
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = json.loads(json.dumps(flatten(config))) | {
         "__teachers__": [t.name for t in config.teachers],
         "__teacher_weights__": weights,
     }
     (run_dir / "config.json").write_text(json.dumps(saved, indent=2))
+    if config.storage_path is not None and "://" not in config.storage_path:
+        Path(config.storage_path).mkdir(parents=True, exist_ok=True)
+    if trial is None:  # a sweep has checked its folders already
+        check_shared(shared_paths(config, run_dir / "config.json"))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one progress line per epoch comes from rank 0
     context.print_on_execution_start = False
@@ -219,7 +246,7 @@ def distill(
         train = cached_dataset(
             source, order.numpy(), cache, names, "train", augment_clock, config.seed, config.data.views
         )
-    resources: dict[str, float] = {"CPU": workers.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": workers.cpus_per_worker} | workers.resources
     if workers.use_gpu:
         resources["GPU"] = 1.0
     trainer = TorchTrainer(
@@ -234,11 +261,14 @@ def distill(
             "progress": trial is None,  # a sweep prints one line per trial and epoch itself
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers.num_workers, use_gpu=workers.use_gpu, resources_per_worker=resources
+            num_workers=workers.num_workers,
+            use_gpu=workers.use_gpu,
+            resources_per_worker=resources,
+            label_selector=workers.label_selector or None,
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
-            storage_path=str(Path(config.output_dir) / "_train"),
+            storage_path=train_storage(config),
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Train's per-report INFO lines repeat every metric; the epoch line from rank 0 says it once
@@ -287,19 +317,16 @@ def distill(
 _RESOURCE_HINT = "lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors"
 
 
+def _demands(config: DistillConfig) -> list[Demand]:
+    return run_demands(config, teachers=config.cache.path is None, workers=True)
+
+
 def _resources(config: DistillConfig) -> tuple[float, float, str]:
     """``(CPUs, GPUs, what)`` one distillation run needs at once (from the config alone)."""
-    workers = config.workers
-    cached = config.cache.path is not None
-    teachers = [] if cached else config.teachers
-    pools = [t for t in teachers if t.stage == "actors" or (t.stage == "auto" and t.num_gpus > 0)]
-    # actor pools hold their CPUs for the whole run; tasks only while they run (one at a time is enough)
-    held = sum(t.num_cpus * t.actors for t in pools)
-    transient = max([1.0] + [t.num_cpus for t in teachers if t not in pools])
-    cpus = held + transient + max(1, workers.num_workers) * workers.cpus_per_worker
-    gpus = sum(t.num_gpus * t.actors for t in pools) + (workers.num_workers if workers.use_gpu else 0)
-    stages = "the soft-label cache" if cached else f"{len(teachers)} teacher stage(s)"
-    return cpus, gpus, f"{stages} and {max(1, workers.num_workers)} train worker(s)"
+    cpus, gpus = demand_totals(_demands(config))
+    workers = max(1, config.workers.num_workers)
+    stages = "the soft-label cache" if config.cache.path is not None else f"{len(config.teachers)} teacher stage(s)"
+    return cpus, gpus, f"{stages} and {workers} train worker(s)"
 
 
 def format_result(result: DistillResult) -> str:

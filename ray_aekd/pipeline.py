@@ -99,6 +99,17 @@ class TeacherStageSpec:
     hint_layer: str | None = None  # also output this layer's activations as feature/<name>
     stage: str = "actors"  # actors: an actor pool; tasks: Ray tasks, the model cached per worker process
     weights_sha256: str = ""  # part of the task cache's key: a checkpoint rewritten in place is reloaded
+    resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per actor or task (pairs: hashable)
+    label_selector: tuple[tuple[str, str], ...] = ()  # node labels the actors or tasks must run on
+
+    def placement(self) -> dict[str, Any]:
+        """Ray remote arguments that place this stage: custom resources and a label selector."""
+        out: dict[str, Any] = {}
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        if self.label_selector:
+            out["label_selector"] = dict(self.label_selector)
+        return out
 
 
 class TeacherStage:
@@ -222,6 +233,7 @@ def add_teacher_stages(
                 num_cpus=spec.num_cpus,
                 batch_size=spec.batch_size,
                 batch_format="numpy",
+                **spec.placement(),
             )
             continue
         dataset = dataset.map_batches(
@@ -232,5 +244,6 @@ def add_teacher_stages(
             num_cpus=spec.num_cpus,
             batch_size=spec.batch_size,
             batch_format="numpy",
+            **spec.placement(),
         )
     return dataset

@@ -16,10 +16,19 @@ from ray_aekd.data import normalize
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.models import build_model, forward_with_feature, model_spec
 from ray_aekd.models.checkpoint import CheckpointError, read_metadata
-from ray_aekd.pipeline import TeacherStageSpec, logits_column, teacher_hint_layer
+from ray_aekd.pipeline import _TASK_CPUS, TeacherStageSpec, logits_column, teacher_hint_layer
+from ray_aekd.session import Demand
 from ray_aekd.tracking import MLFLOW_URI_SCHEMES, resolve_tracking_uri
 
-__all__ = ["check_run", "resolve_paths", "stage_specs", "teacher_accuracy"]
+__all__ = [
+    "check_run",
+    "demand_totals",
+    "resolve_paths",
+    "run_demands",
+    "shared_paths",
+    "stage_specs",
+    "teacher_accuracy",
+]
 
 
 def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
@@ -44,8 +53,15 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
         elif "://" not in path:
             path = str(Path(path).resolve())
         teachers.append(dataclasses.replace(teacher, checkpoint=path))
+    storage = config.storage_path
+    if storage is not None and "://" not in storage:
+        storage = str(Path(storage).resolve())
     return dataclasses.replace(
-        config, data=data, teachers=tuple(teachers), output_dir=str(Path(config.output_dir).resolve())
+        config,
+        data=data,
+        teachers=tuple(teachers),
+        output_dir=str(Path(config.output_dir).resolve()),
+        storage_path=storage,
     )
 
 
@@ -135,9 +151,67 @@ def stage_specs(config: DistillConfig) -> list[TeacherStageSpec]:
                 hint_layer=layer,
                 stage=teacher.stage if teacher.stage != "auto" else ("actors" if teacher.num_gpus > 0 else "tasks"),
                 weights_sha256=read_metadata(teacher.checkpoint).weights_sha256,
+                resources=tuple(sorted(teacher.resources.items())),
+                label_selector=tuple(sorted(teacher.label_selector.items())),
             )
         )
     return specs
+
+
+def run_demands(config: DistillConfig, *, teachers: bool, workers: bool) -> list[Demand]:
+    """The actors and tasks a run asks Ray for: the teacher stages (not when a distillation
+    reads a soft-label cache) and the train workers, for ``session.connect``'s checks."""
+    demands = []
+    if teachers:
+        for i, t in enumerate(config.teachers):
+            pool = t.stage == "actors" or (t.stage == "auto" and t.num_gpus > 0)
+            demands.append(
+                Demand(
+                    key=f"teachers.{i}",
+                    what=f"teacher {t.name!r} {'actor' if pool else 'task'}",
+                    resources={"CPU": t.num_cpus} | ({"GPU": t.num_gpus} if t.num_gpus else {}) | t.resources,
+                    label_selector=t.label_selector,
+                    count=t.actors if pool else 1,
+                    held=pool,  # an actor pool holds its resources for the whole run; tasks while they run
+                )
+            )
+    if workers:
+        w = config.workers
+        demands.append(
+            Demand(
+                key="workers",
+                what="train worker",
+                resources={"CPU": w.cpus_per_worker} | ({"GPU": 1.0} if w.use_gpu else {}) | w.resources,
+                label_selector=w.label_selector,
+                count=max(1, w.num_workers),
+            )
+        )
+    return demands
+
+
+def shared_paths(config: DistillConfig, written: Path) -> dict[str, str]:
+    """Config key -> local path that every node of a cluster must see (``session.check_shared``):
+    ``written``, a file the driver has just put in the run folder, and what workers and teacher
+    actors read. ``config`` has resolved paths."""
+    paths = {"output_dir": str(written)}
+    if config.data.path is not None:
+        paths["data.path"] = config.data.path
+    if config.cache.path is None:
+        paths |= {f"teachers.{i}.checkpoint": t.checkpoint for i, t in enumerate(config.teachers)}
+    else:
+        paths["cache.path"] = config.cache.path
+    if config.storage_path is not None:
+        paths["storage_path"] = config.storage_path
+    return paths
+
+
+def demand_totals(demands: list[Demand]) -> tuple[float, float]:
+    """``(CPUs, GPUs)`` held at once: actor pools and workers, plus one task at a time (a data
+    task reading and augmenting with ``_TASK_CPUS``, or a teacher task)."""
+    held = [d for d in demands if d.held]
+    transient = max([_TASK_CPUS] + [d.resources["CPU"] for d in demands if not d.held])
+    cpus = sum(d.resources["CPU"] * d.count for d in held) + transient
+    return cpus, sum(d.resources.get("GPU", 0.0) * d.count for d in held)
 
 
 def teacher_accuracy(val: ray.data.Dataset, names: list[str]) -> tuple[dict[str, float], float]:

@@ -1,13 +1,34 @@
-"""Connecting to Ray: the cluster in ``RAY_ADDRESS`` or a local one sized for the run."""
+"""Connecting to Ray: the cluster in ``RAY_ADDRESS`` or a local one sized for the run, and
+refusing work the cluster cannot place before anything is scheduled (Ray would wait forever)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ray
 
-__all__ = ["connect"]
+__all__ = ["Demand", "check_shared", "connect", "label_matches"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Demand:
+    """What one kind of actor or task of a run asks Ray for, for the checks in ``connect``.
+
+    ``resources`` is per actor or task, CPUs and GPUs included (``{"CPU": 1, "GPU": 1,
+    "teacher_gpu": 1}``); ``held`` ones (actor pools, train workers) hold them for the whole run,
+    ``count`` at a time, while tasks hold theirs only while they run (one at a time is enough).
+    """
+
+    key: str  # the config key that sets it, for the error message ("teachers.0", "workers")
+    what: str  # "teacher 'cnn_a'", "train worker"
+    resources: Mapping[str, float]
+    label_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    count: int = 1
+    held: bool = True
 
 
 def connect(
@@ -17,6 +38,7 @@ def connect(
     hint: str,
     local_cpus: float | None = None,
     log_to_driver: bool = True,
+    demands: Sequence[Demand] = (),
 ) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (as ``ray job submit`` sets it) or start a
     local Ray, then refuse, before anything is scheduled, work that cannot fit on it.
@@ -30,6 +52,8 @@ def connect(
             the workers, teacher actors and data tasks of the run to be scheduled together.
         log_to_driver: echo the workers' output here (a sweep turns it off: its trials run
             concurrently and it prints one line per trial and epoch itself).
+        demands: the run's actors and tasks; each must fit on one alive node that has its
+            labels, and the custom resources they hold together must exist in the cluster.
     """
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -43,3 +67,107 @@ def connect(
         have = total.get(name, 0)
         if need > have:
             raise ValueError(f"{what} need {need:g} {name}(s), but this Ray cluster has {have:g}; {hint}.")
+    if demands:
+        check_demands(demands, [n for n in ray.nodes() if n.get("Alive")])
+
+
+def check_demands(demands: Sequence[Demand], nodes: Sequence[Mapping[str, Any]]) -> None:
+    """Raise ``ValueError`` if some demand fits on no node (resources and labels together), or
+    the custom resources held at once exceed the cluster's. ``nodes``: ``ray.nodes()`` entries."""
+    for demand in demands:
+        if not any(_fits(demand, node) for node in nodes):
+            raise ValueError(
+                f"{demand.key}: a {demand.what} needs {_describe(demand.resources)}"
+                + (f" on a node labelled {_describe(demand.label_selector)}" if demand.label_selector else "")
+                + ", but no node of this Ray cluster offers that (nodes: "
+                + "; ".join(_describe_node(n) for n in nodes)
+                + f"). Change {demand.key}.resources / {demand.key}.label_selector (or its CPUs/GPUs), "
+                "or add such a node; Ray would wait for one forever."
+            )
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for name, amount in node.get("Resources", {}).items():
+            totals[name] = totals.get(name, 0.0) + amount
+    needed: dict[str, float] = {}
+    for name in {r for d in demands for r in d.resources if r not in ("CPU", "GPU")}:
+        held = sum(d.resources.get(name, 0.0) * d.count for d in demands if d.held)
+        needed[name] = held + max([d.resources.get(name, 0.0) for d in demands if not d.held] + [0.0])
+    for name, need in sorted(needed.items()):
+        if need > totals.get(name, 0.0):
+            keys = sorted({d.key for d in demands if name in d.resources})
+            raise ValueError(
+                f"{', '.join(keys)}: the run holds {need:g} {name!r} at once, but this Ray cluster has "
+                f"{totals.get(name, 0.0):g}; lower the amounts or the actors/workers that ask for it."
+            )
+
+
+def label_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether node ``labels`` satisfy a Ray label selector: ``value``, ``!value``,
+    ``in(a,b)`` or ``!in(a,b)`` per key."""
+    for key, condition in selector.items():
+        negate = condition.startswith("!")
+        condition = condition[1:] if negate else condition
+        if condition.startswith("in(") and condition.endswith(")"):
+            allowed = {v.strip() for v in condition[3:-1].split(",")}
+        else:
+            allowed = {condition}
+        if (labels.get(key) in allowed) == negate:
+            return False
+    return True
+
+
+def _fits(demand: Demand, node: Mapping[str, Any]) -> bool:
+    offered = node.get("Resources", {})
+    enough = all(offered.get(name, 0.0) >= amount for name, amount in demand.resources.items() if amount > 0)
+    return enough and label_matches(demand.label_selector, node.get("Labels", {}))
+
+
+def _describe(mapping: Mapping[str, Any]) -> str:
+    items = (f"{k}: {v:g}" if isinstance(v, float | int) else f"{k}: {v}" for k, v in mapping.items())
+    return "{" + ", ".join(items) + "}"
+
+
+def _describe_node(node: Mapping[str, Any]) -> str:
+    offered = {
+        k: v
+        for k, v in node.get("Resources", {}).items()
+        if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+    }
+    labels = {k: v for k, v in node.get("Labels", {}).items() if not k.startswith("ray.io/")}
+    where = f"{node.get('NodeManagerAddress', '?')} {_describe(offered)}"
+    return where + (f" labels {_describe(labels)}" if labels else "")
+
+
+@ray.remote(num_cpus=0)
+def _missing(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def check_shared(paths: Mapping[str, str]) -> None:
+    """On a multi-node cluster, refuse local paths (config key -> path that exists here) that
+    some node does not see: run folders, checkpoints and data must be on storage every node
+    mounts at the same path. URIs (``s3://``...) are left to the code that opens them."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = {k: v for k, v in paths.items() if v is not None and "://" not in v}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or not local:
+        return
+    refs = [
+        _missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            list(local.values())
+        )
+        for n in nodes
+    ]
+    try:
+        missing = ray.get(refs, timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        return  # a node too busy to answer is not evidence of a missing mount; the run goes on
+    for key, path in local.items():
+        blind = [n["NodeManagerAddress"] for n, gone in zip(nodes, missing, strict=True) if path in gone]
+        if blind:
+            raise ValueError(
+                f"{key}: {path} is not visible on node(s) {', '.join(blind)} of this Ray cluster; allowed: a path "
+                "on storage every node mounts at the same place (NFS, EFS, Filestore, a ReadWriteMany volume), "
+                "or a URI (s3://, gs://) where the key takes one."
+            )

@@ -51,7 +51,7 @@ from ray_aekd.pipeline import (
     logits_column,
     view_settings,
 )
-from ray_aekd.prepare import check_run, resolve_paths, stage_specs
+from ray_aekd.prepare import check_run, demand_totals, resolve_paths, run_demands, stage_specs
 from ray_aekd.session import connect
 
 __all__ = ["MANIFEST", "cache_identity", "cached_dataset", "check_cache", "read_manifest", "relabel"]
@@ -205,10 +205,10 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
             return existing
         check_cache(uri, identity)  # raises, naming the differences
     views = identity["views"]
-    held = sum(s.num_cpus * s.actors for s in stages if s.stage == "actors")
-    transient = max([_TASK_CPUS] + [s.num_cpus for s in stages if s.stage == "tasks"])
-    gpus = sum(s.num_gpus * s.actors for s in stages)
-    connect(held + transient, gpus, f"{len(stages)} teacher stage(s)", "lower teachers.<i>.num_cpus or actors")
+    demands = run_demands(config, teachers=True, workers=False)
+    cpus, gpus = demand_totals(demands)
+    hint = "lower teachers.<i>.num_cpus or actors"
+    connect(cpus, gpus, f"{len(stages)} teacher stage(s)", hint, demands=demands)
     fs, path = _filesystem(uri)
     fs.create_dir(path, recursive=True)
     with contextlib.suppress(FileNotFoundError, OSError):

@@ -36,9 +36,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
 from ray_aekd.config import DistillConfig, apply_preset, flatten, from_dict
 from ray_aekd.data import open_source, split_indices
-from ray_aekd.distill import TrialHooks, _resources, distill
-from ray_aekd.prepare import check_run, resolve_paths
-from ray_aekd.session import connect
+from ray_aekd.distill import TrialHooks, _demands, _resources, distill
+from ray_aekd.prepare import check_run, resolve_paths, shared_paths
+from ray_aekd.session import check_shared, connect
 from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
 from ray_aekd.sweep_space import TOLERANCE_FRACTION, Dimension, SweepConfig, apply_values, load_sweep, parse_space
 from ray_aekd.tracking import experiment_id, limit_mlflow_retries, resolve_tracking_uri
@@ -178,6 +178,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         "lower workers.cpus_per_worker or trial_cpus in the sweep's overrides",
         local_cpus=(cpus + sweep.trial_cpus) * sweep.max_concurrent_trials,
         log_to_driver=False,  # each trial's own log goes to <output_dir>/<name>/trials/<trial>.log
+        demands=_demands(config),
     )
     if train_first:
         _train_missing_teachers(config, str(sweep.teachers), log)
@@ -193,6 +194,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         base["data"] = dict(base.get("data", {}), path=resolved.data.path)
     if config.cache.path is not None and "://" not in config.cache.path:
         base["cache"] = dict(base.get("cache", {}), path=str(Path(config.cache.path).resolve()))
+    if resolved.storage_path is not None:
+        base["storage_path"] = resolved.storage_path
     config = from_dict(DistillConfig, apply_preset(base))
 
     relabel_passes = cache_passes = 0
@@ -203,6 +206,11 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         if before is None or before.get("created") != manifest.get("created"):
             relabel_passes = cache_passes
 
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
+    if config.storage_path is not None and "://" not in config.storage_path:
+        Path(config.storage_path).mkdir(parents=True, exist_ok=True)
+    check_shared(shared_paths(config, sweep_dir / "sweep.json"))  # trials run on any node
     uri = resolve_tracking_uri(config.tracking.uri)
     # the trials log where the driver does, whatever their processes' environment says
     base["tracking"] = dict(base.get("tracking") or {}, uri=uri)
@@ -253,7 +261,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=str(sweep_dir / "_tune"),
+            storage_path=_tune_storage(sweep, sweep_dir),
             callbacks=[_Progress(sweep, epochs)],
             verbose=0,
         ),
@@ -299,6 +307,14 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
 
 def _missing_teachers(config: DistillConfig) -> list[str]:
     return [t.name for t in config.teachers if "://" not in t.checkpoint and not Path(t.checkpoint).exists()]
+
+
+def _tune_storage(sweep: SweepConfig, sweep_dir: Path) -> str:
+    """Where Tune keeps the sweep's state: ``storage_path`` (a local one made absolute), or
+    ``<output_dir>/<name>/_tune``."""
+    if sweep.storage_path is None:
+        return str(sweep_dir / "_tune")
+    return sweep.storage_path if "://" in sweep.storage_path else str(Path(sweep.storage_path).resolve())
 
 
 def _check_base(config: DistillConfig, sweep_dir: Path) -> None:

@@ -91,6 +91,7 @@ class SweepConfig:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged into the base config
     name: str = "sweep"  # the parent MLflow run; trials are <name>-<trial id>
     output_dir: str = "runs/sweep"
+    storage_path: str | None = None  # Tune's state: shared path, s3://..., gs://...; null: output_dir/<name>/_tune
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     metric: str = "val/acc1"
@@ -105,6 +106,7 @@ class SweepConfig:
         _check(bool(self.space), "space", self.space, "a mapping of dotted config keys to distributions")
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
+        _check(self.storage_path != "", "storage_path", self.storage_path, "a path or URI (s3://, gs://), or null")
         _check(self.metric in METRICS, "metric", self.metric, ", ".join(METRICS))
         _check(self.mode in (None, "max", "min"), "mode", self.mode, "max, min, or null")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
