@@ -206,7 +206,8 @@ def distill(
     if config.storage_path is not None and "://" not in config.storage_path:
         Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     if trial is None:  # a sweep has checked its folders already
-        check_shared(shared_paths(config, run_dir / "config.json"))
+        tracking_uri = resolve_tracking_uri(config.tracking.uri)
+        check_shared(shared_paths(config, run_dir / "config.json", tracking_uri), tracking_uri)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one progress line per epoch comes from rank 0
     context.print_on_execution_start = False

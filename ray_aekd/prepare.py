@@ -189,11 +189,14 @@ def run_demands(config: DistillConfig, *, teachers: bool, workers: bool) -> list
     return demands
 
 
-def shared_paths(config: DistillConfig, written: Path) -> dict[str, str]:
+def shared_paths(config: DistillConfig, written: Path, tracking_uri: str) -> dict[str, str]:
     """Config key -> local path that every node of a cluster must see (``session.check_shared``):
-    ``written``, a file the driver has just put in the run folder, and what workers and teacher
-    actors read. ``config`` has resolved paths."""
+    ``written``, a file the driver has just put in the run folder, what workers and teacher
+    actors read, and the folder of a SQLite tracking store (rank 0 logs to it from its node).
+    ``config`` has resolved paths."""
     paths = {"output_dir": str(written)}
+    if tracking_uri.startswith("sqlite:////"):
+        paths["tracking.uri"] = str(Path(tracking_uri[len("sqlite:///") :]).parent)
     if config.data.path is not None:
         paths["data.path"] = config.data.path
     if config.cache.path is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -143,15 +144,25 @@ def _missing(paths: list[str]) -> list[str]:
     return [p for p in paths if not os.path.exists(p)]
 
 
-def check_shared(paths: Mapping[str, str]) -> None:
+def check_shared(paths: Mapping[str, str], tracking_uri: str | None = None) -> None:
     """On a multi-node cluster, refuse local paths (config key -> path that exists here) that
     some node does not see: run folders, checkpoints and data must be on storage every node
-    mounts at the same path. URIs (``s3://``...) are left to the code that opens them."""
+    mounts at the same path. URIs (``s3://``...) are left to the code that opens them. Refuse
+    too a tracking server on this machine's loopback address: workers elsewhere cannot reach it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     local = {k: v for k, v in paths.items() if v is not None and "://" not in v}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2 or not local:
+    if len(nodes) < 2:
+        return
+    host = urllib.parse.urlparse(tracking_uri or "").hostname
+    if host in ("localhost", "127.0.0.1", "::1"):
+        raise ValueError(
+            f"tracking.uri: {tracking_uri} (MLFLOW_TRACKING_URI wins over it) is this machine's loopback address; "
+            f"allowed on this {len(nodes)}-node cluster: an address every node reaches (the MLflow server's private "
+            "IP or service name), since rank 0 logs from whichever node it runs on."
+        )
+    if not local:
         return
     refs = [
         _missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(

@@ -210,8 +210,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
     (sweep_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
     if config.storage_path is not None and "://" not in config.storage_path:
         Path(config.storage_path).mkdir(parents=True, exist_ok=True)
-    check_shared(shared_paths(config, sweep_dir / "sweep.json"))  # trials run on any node
     uri = resolve_tracking_uri(config.tracking.uri)
+    check_shared(shared_paths(config, sweep_dir / "sweep.json", uri), uri)  # trials run on any node
     # the trials log where the driver does, whatever their processes' environment says
     base["tracking"] = dict(base.get("tracking") or {}, uri=uri)
     parent_id = _open_parent(sweep, config, uri, log)

@@ -32,6 +32,7 @@ def main(teachers: dict[str, str], work: Path) -> dict:
     teacher_node = cluster.add_node(num_cpus=2, resources={"teacher_gpu": 2}, labels={"ray-aekd/role": "teacher"})
     student_node = cluster.add_node(num_cpus=2, labels={"ray-aekd/role": "student"})
     os.environ["RAY_ADDRESS"] = cluster.address
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the config's tracking.uri decides here
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         a, b, c = teachers["cnn_a"], teachers["cnn_b"], teachers["mlp_c"]
@@ -47,7 +48,16 @@ def main(teachers: dict[str, str], work: Path) -> dict:
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
             "name=placed",
         ]
-        result = distill(load_config(DistillConfig, SMOKE, overrides), log=lambda line: print(line, file=sys.stderr))
+        log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        try:  # a tracking server on the driver's loopback: unreachable from the other nodes
+            distill(
+                load_config(DistillConfig, SMOKE, [*overrides, "tracking.uri=http://127.0.0.1:5000", "name=loopback"]),
+                log=log,
+            )
+            loopback = "not refused"
+        except ValueError as error:
+            loopback = str(error)
+        result = distill(load_config(DistillConfig, SMOKE, overrides), log=log)
         actors = list_actors(detail=True, limit=10000, raise_on_missing_output=False)
         tasks = list_tasks(detail=True, limit=10000, raise_on_missing_output=False)
         teacher_actors = [x for x in actors if "TeacherStage" in (x.repr_name or x.class_name or "")]
@@ -66,6 +76,7 @@ def main(teachers: dict[str, str], work: Path) -> dict:
             ],
             "actor_classes": sorted({x.class_name for x in actors}),
             "val_acc1": result.metrics["val/acc1"],
+            "loopback_tracking": loopback,
             "forwards": result.teacher_forward_passes,
             "checkpoints": sorted(p.name for p in (work / "storage" / "placed").glob("checkpoint_*")),
         }

@@ -44,6 +44,9 @@ def test_teachers_and_workers_run_where_the_config_places_them(digits_teachers, 
     assert seen["forwards"] == {"cnn_a": 1797, "cnn_b": 1797, "mlp_c": 1797}
     assert seen["checkpoints"]
     assert seen["val_acc1"] > 0.3
+    # a tracking server on the driver's loopback address is refused on a multi-node cluster
+    assert seen["loopback_tracking"].startswith("tracking.uri: http://127.0.0.1:5000"), seen["loopback_tracking"]
+    assert "3-node cluster" in seen["loopback_tracking"]
 
 
 def test_a_placement_no_node_can_meet_is_refused_before_scheduling(local_ray, digits_teachers, tmp_path):
