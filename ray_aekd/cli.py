@@ -52,6 +52,13 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upload(args: argparse.Namespace) -> int:
+    from ray_aekd.upload import upload
+
+    upload(args.run_dir, tracking_uri=args.tracking_uri)
+    return 0
+
+
 def _relabel(args: argparse.Namespace) -> int:
     from ray_aekd.config import DistillConfig, load_config
     from ray_aekd.soft_labels import relabel
@@ -194,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output-dir", default=".", help="where compare.csv and compare.png go (default .)")
     compare.set_defaults(run=_compare)
 
+    upload = commands.add_parser(
+        "upload",
+        help="log a distillation run folder to MLflow after the tracking server was unreachable",
+        description="Log what a distillation kept in its run folder (metrics.jsonl, result.json, plots, alpha, the "
+        "student) to MLflow: into the run it opened (mlflow_run_id), logging only the epochs that run lacks, or into "
+        "a new run. For runs that trained while the tracking server was down.",
+    )
+    upload.add_argument("run_dir", help="the run folder (output_dir/<name>)")
+    upload.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the run's tracking.uri)"
+    )
+    upload.set_defaults(run=_upload)
+
     quickstart = commands.add_parser(
         "quickstart",
         help="train 3 teachers on the bundled digits, distil a student with average and AE-KD, compare (~3 min)",
@@ -218,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # bad input: one clear line, no traceback
         print(f"ray-aekd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # the run stopped on NaN/Inf: which teacher, which step
+        print(f"ray-aekd {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ __all__ = [
     "DistillConfig",
     "DistillTeacher",
     "DistillTrackingConfig",
+    "FAULTS_ENV",
+    "FaultsConfig",
     "LossConfig",
     "StudentConfig",
     "WorkersConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "flatten",
     "from_dict",
     "load_config",
+    "with_env_faults",
 ]
 
 T = TypeVar("T")
@@ -145,6 +149,34 @@ class CacheConfig:
 
 #: How a soft-label cache stores logits.
 CACHE_DTYPES = ("float32", "float16")
+
+#: Environment variable with a YAML mapping of ``faults`` keys; it wins over the config's.
+FAULTS_ENV = "RAY_AEKD_FAULTS"
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultsConfig:
+    """Fault injection for tests and failure drills; everything off by default. Each fault
+    fires once per run: a marker file in the run folder's ``faults/`` records that it has."""
+
+    kill_worker_rank: int | None = None  # kill this Ray Train worker's process (as a pre-empted node would) ...
+    kill_worker_step: int = 1  # ... just before it runs this global step (counted from 0)
+    kill_teacher: str | None = None  # kill the process of one actor (or task) of this teacher's stage ...
+    kill_teacher_batch: int = 1  # ... when it receives its n-th batch (from 1), before running it
+    mlflow_down_epoch: int | None = None  # the tracking server is unreachable from this epoch (from 1) on
+
+    def validate(self, prefix: str) -> None:
+        rank = self.kill_worker_rank
+        _check(rank is None or rank >= 0, f"{prefix}.kill_worker_rank", rank, "an integer >= 0, or null")
+        _check(self.kill_worker_step >= 0, f"{prefix}.kill_worker_step", self.kill_worker_step, "an integer >= 0")
+        _check(self.kill_teacher != "", f"{prefix}.kill_teacher", self.kill_teacher, "a teacher's name, or null")
+        _check(self.kill_teacher_batch >= 1, f"{prefix}.kill_teacher_batch", self.kill_teacher_batch, "an integer >= 1")
+        down = self.mlflow_down_epoch
+        _check(down is None or down >= 1, f"{prefix}.mlflow_down_epoch", down, "an integer >= 1, or null")
+
+    @property
+    def active(self) -> bool:
+        return self.kill_worker_rank is not None or self.kill_teacher is not None or self.mlflow_down_epoch is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +410,7 @@ class DistillConfig:
     output_dir: str = "runs/distill"  # run folders; on a multi-node cluster a path every node sees (NFS)
     storage_path: str | None = None  # Train checkpoints: shared path, s3://... or gs://...; null: output_dir/_train
     seed: int = 0
+    faults: FaultsConfig = FaultsConfig()  # fault injection (tests, drills); RAY_AEKD_FAULTS overrides it
 
     def validate(self, prefix: str) -> None:
         num = len(self.teachers)
@@ -415,6 +448,42 @@ class DistillConfig:
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
         _check(self.storage_path != "", "storage_path", self.storage_path, "a path or URI (s3://, gs://), or null")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        faults = self.faults
+        _check(
+            faults.kill_teacher is None or faults.kill_teacher in names,
+            "faults.kill_teacher",
+            faults.kill_teacher,
+            f"one of the teachers ({', '.join(names)}), or null",
+        )
+        workers = max(1, self.workers.num_workers)
+        _check(
+            faults.kill_worker_rank is None or (faults.kill_worker_rank < workers and self.workers.num_workers > 0),
+            "faults.kill_worker_rank",
+            faults.kill_worker_rank,
+            f"a rank below workers.num_workers = {self.workers.num_workers} (local mode has no worker to kill), "
+            "or null",
+        )
+
+
+def with_env_faults(config: DistillConfig, environ: Mapping[str, str] | None = None) -> DistillConfig:
+    """``config`` with the faults of ``RAY_AEKD_FAULTS`` (a YAML mapping of ``faults`` keys,
+    e.g. ``{kill_worker_rank: 1, kill_worker_step: 15}``) merged over its own."""
+    raw = (os.environ if environ is None else environ).get(FAULTS_ENV)
+    if not raw:
+        return config
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{FAULTS_ENV}: {raw!r} is not plain YAML ({error}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{FAULTS_ENV}: got {raw!r}; allowed: a YAML mapping of faults keys.")
+    try:
+        faults = from_dict(FaultsConfig, dataclasses.asdict(config.faults) | data, "faults")
+        config = dataclasses.replace(config, faults=faults)
+        config.validate("")
+    except ConfigError as error:
+        raise ConfigError(f"{FAULTS_ENV}: {error}") from None
+    return config
 
 
 #: ``preset: <name>`` at the top of a distillation config fills in these values; keys the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +33,9 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
-from ray_aekd.config import DistillConfig, flatten
+from ray_aekd.config import DistillConfig, FaultsConfig, flatten, with_env_faults
 from ray_aekd.data import open_source, split_indices
+from ray_aekd.faults import UNREACHABLE_TRACKING_URI, TeacherFault
 from ray_aekd.pipeline import ViewClock, distill_dataset
 from ray_aekd.prepare import (
     check_run,
@@ -46,7 +48,7 @@ from ray_aekd.prepare import (
 )
 from ray_aekd.session import Demand, check_shared, connect
 from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache
-from ray_aekd.tracking import experiment_id, limit_mlflow_retries, resolve_tracking_uri
+from ray_aekd.tracking import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri
 from ray_aekd.train import train_loop
 
 __all__ = ["DistillResult", "TrialHooks", "distill", "format_result"]
@@ -70,7 +72,7 @@ class DistillResult:
 
 
 # Keys that may change when a run is resumed; anything else would mix two different runs.
-_RESUMABLE_KEYS = ("train.epochs", "workers.", "tracking.", "teachers.")
+_RESUMABLE_KEYS = ("train.epochs", "workers.", "tracking.", "teachers.", "faults.")
 
 
 def train_storage(config: DistillConfig) -> str:
@@ -155,7 +157,7 @@ def _open_run(
     except Exception as error:  # an unreachable tracking server must not stop the run
         log(
             f"warning: MLflow at {uri} is not reachable ({type(error).__name__}: {error}); training without it, "
-            f"metrics stay in {run_dir}."
+            f"metrics stay in {run_dir}; `ray-aekd upload {run_dir}` logs them when the server is back."
         )
         return uri, None
     id_file.write_text(run_id)
@@ -179,6 +181,7 @@ def distill(
     """Distil ``config.teachers`` into ``config.student`` on Ray; see the module docstring."""
     start = time.perf_counter()
     limit_mlflow_retries()
+    config = with_env_faults(config)
     run_dir = Path(config.output_dir).resolve() / config.name
     config = resolve_paths(config, run_dir)
     source = open_source(
@@ -198,6 +201,8 @@ def distill(
     if trial is None:  # a sweep has checked its cluster already
         connect(*_resources(config), hint=_RESOURCE_HINT, demands=_demands(config))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:  # a fault fires once per run: markers of an earlier run of this name go
+        shutil.rmtree(run_dir / "faults", ignore_errors=True)
     saved = json.loads(json.dumps(flatten(config))) | {
         "__teachers__": [t.name for t in config.teachers],
         "__teacher_weights__": weights,
@@ -207,6 +212,7 @@ def distill(
         Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     if trial is None:  # a sweep has checked its folders already
         tracking_uri = resolve_tracking_uri(config.tracking.uri)
+        open_store(tracking_uri)  # a SQLite store's file must exist to be checked
         check_shared(shared_paths(config, run_dir / "config.json", tracking_uri), tracking_uri)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one progress line per epoch comes from rank 0
@@ -221,10 +227,16 @@ def distill(
         f"{len(val_idx)} validation {config.data.dataset} images"
         + (f"; soft labels from the cache at {cache}" if cache else "")
     )
+    faults = config.faults
+    if faults.active:
+        log(f"fault injection on: {_describe_faults(faults)}")
+    fault = None
+    if faults.kill_teacher is not None:
+        fault = TeacherFault(faults.kill_teacher, faults.kill_teacher_batch, str(run_dir / "faults"))
     clock = ViewClock.remote()  # the epoch for the views, and the teachers' forward-pass counts
     augment_clock = clock if config.data.augment else None
     if cache is None:
-        val = distill_dataset(source, val_idx.numpy(), stages, counter=clock).materialize()
+        val = distill_dataset(source, val_idx.numpy(), stages, counter=clock, fault=fault).materialize()
     else:
         val = cached_dataset(source, val_idx.numpy(), cache, names, "val").materialize()
     teacher_acc, ensemble_acc = teacher_accuracy(val, names)
@@ -241,7 +253,14 @@ def distill(
     order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config.seed))]
     if cache is None:
         train = distill_dataset(
-            source, order.numpy(), stages, clock=augment_clock, seed=config.seed, views=config.data.views, counter=clock
+            source,
+            order.numpy(),
+            stages,
+            clock=augment_clock,
+            seed=config.seed,
+            views=config.data.views,
+            counter=clock,
+            fault=fault,
         )
     else:
         train = cached_dataset(
@@ -260,6 +279,7 @@ def distill(
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "progress": trial is None,  # a sweep prints one line per trial and epoch itself
+            "source_size": len(source),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers.num_workers,
@@ -285,16 +305,24 @@ def distill(
     try:
         trainer.fit()
         status = "FINISHED"
+    except ray.train.WorkerGroupError as error:
+        cause = _stop_reason(error)
+        if cause is None:
+            raise
+        raise FloatingPointError(str(cause)) from error  # the one line that says why, not a worker traceback
     finally:
         forwards = ray.get(clock.forwards.remote())
         ray.kill(clock)
         if run_id:
             try:
-                client = MlflowClient(uri)
+                client = MlflowClient(UNREACHABLE_TRACKING_URI if faults.mlflow_down_epoch else uri)
                 client.log_metric(run_id, "teacher_forward_passes", float(sum(forwards.values())))
                 client.set_terminated(run_id, status)
             except Exception as error:
-                log(f"warning: could not mark MLflow run {run_id} {status} ({error}).")
+                log(
+                    f"warning: could not mark MLflow run {run_id} {status} ({error}); "
+                    f"`ray-aekd upload {run_dir}` completes it when the server is back."
+                )
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     metrics = json.loads(lines[-1])
     result = DistillResult(
@@ -328,6 +356,28 @@ def _resources(config: DistillConfig) -> tuple[float, float, str]:
     workers = max(1, config.workers.num_workers)
     stages = "the soft-label cache" if config.cache.path is not None else f"{len(config.teachers)} teacher stage(s)"
     return cpus, gpus, f"{stages} and {workers} train worker(s)"
+
+
+def _stop_reason(error: ray.train.WorkerGroupError) -> FloatingPointError | None:
+    """The first worker's own ``FloatingPointError`` (non-finite logits or loss), if that is why it failed."""
+    for _, failure in sorted(error.worker_failures.items()):
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, FloatingPointError):
+                return seen
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
+def _describe_faults(faults: FaultsConfig) -> str:
+    parts = []
+    if faults.kill_worker_rank is not None:
+        parts.append(f"kill Train worker rank {faults.kill_worker_rank} before step {faults.kill_worker_step}")
+    if faults.kill_teacher is not None:
+        parts.append(f"kill a process of teacher {faults.kill_teacher!r} at its batch {faults.kill_teacher_batch}")
+    if faults.mlflow_down_epoch is not None:
+        parts.append(f"tracking server unreachable from epoch {faults.mlflow_down_epoch}")
+    return "; ".join(parts) + " (once each)"
 
 
 def format_result(result: DistillResult) -> str:

@@ -19,6 +19,7 @@ from ray_aekd.losses import HintRegressors, distillation_loss, hint_weights, mse
 from ray_aekd.models.registry import forward_with_feature
 from ray_aekd.weighting import (
     GradientSpace,
+    NonFiniteLogitsError,
     check_finite_logits,
     kd_logit_gradients,
     min_norm_weights,
@@ -193,8 +194,10 @@ def distill_step(
     check_logits(logits, teacher_logits)
     try:
         check_finite_logits(logits, teacher_logits)
-    except ValueError as error:
-        raise ValueError(f"{error.args[0]} (at step {step})" if step is not None else str(error)) from None
+    except NonFiniteLogitsError as error:
+        if step is None:
+            raise
+        raise NonFiniteLogitsError(f"{error.args[0]} (at step {step})", error.teachers, step) from None
     gradients = kd_logit_gradients(logits, teacher_logits, settings.temperature)
     gram = teacher_gram(gradients, settings.space, settings.normalize, reduce)
     if settings.strategy == "average":

@@ -25,6 +25,7 @@ seen without the restart.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 from ray_aekd.data.ray_dataset import to_ray_dataset
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.data.views import augment, normalize
+from ray_aekd.faults import TeacherFault, die, fire_once
 from ray_aekd.models.checkpoint import load_checkpoint
 from ray_aekd.models.registry import forward_with_feature, model_spec
 
@@ -120,9 +122,11 @@ class TeacherStage:
     Shapes: ``image`` uint8 ``[B, C, H, W]`` -> ``logits/<name>`` float32 ``[B, K]``.
     """
 
-    def __init__(self, spec: TeacherStageSpec, counter: Any = None) -> None:
+    def __init__(self, spec: TeacherStageSpec, counter: Any = None, fault: TeacherFault | None = None) -> None:
         self.spec = spec
         self.counter = counter  # a ViewClock that counts the samples this teacher runs on
+        self.fault = fault if fault is not None and fault.teacher == spec.name else None
+        self.batches = 0
         self.device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         model, meta = load_checkpoint(spec.checkpoint, map_location=self.device)
         self.model = model.to(self.device).eval()
@@ -131,6 +135,9 @@ class TeacherStage:
         self.mean, self.std = meta.mean, meta.std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches += 1
+        if self.fault and self.batches == self.fault.batch and fire_once(self.fault.marker_dir, "kill_teacher"):
+            die(f"killing the process of teacher {self.spec.name!r} (pid {os.getpid()}) at its batch {self.batches}")
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)
         x = normalize(images, self.mean, self.std)
         with torch.inference_mode():
@@ -149,7 +156,9 @@ _CACHED_TEACHERS: dict[TeacherStageSpec, TeacherStage] = {}
 _MAX_CACHED_TEACHERS = 16
 
 
-def _teacher_task(batch: dict[str, np.ndarray], spec: TeacherStageSpec, counter: Any = None) -> dict[str, np.ndarray]:
+def _teacher_task(
+    batch: dict[str, np.ndarray], spec: TeacherStageSpec, counter: Any = None, fault: TeacherFault | None = None
+) -> dict[str, np.ndarray]:
     """The teacher as a Ray Data task: the model is loaded once per worker process and kept,
     so that later epochs (new executions of the pipeline) reuse it. CPU teachers only."""
     stage = _CACHED_TEACHERS.get(spec)
@@ -158,6 +167,7 @@ def _teacher_task(batch: dict[str, np.ndarray], spec: TeacherStageSpec, counter:
             _CACHED_TEACHERS.pop(next(iter(_CACHED_TEACHERS)))
         stage = _CACHED_TEACHERS[spec] = TeacherStage(spec)
     stage.counter = counter
+    stage.fault = fault if fault is not None and fault.teacher == spec.name else None
     return stage(batch)
 
 
@@ -196,6 +206,7 @@ def distill_dataset(
     seed: int = 0,
     views: int | None = None,
     counter: Any = None,
+    fault: TeacherFault | None = None,
 ) -> ray.data.Dataset:
     """Rows ``index``, ``image`` (the view), ``label`` and one ``logits/<teacher>`` per teacher.
 
@@ -208,6 +219,7 @@ def distill_dataset(
         seed: the augmentation seed.
         views: epoch e reads view ``e mod views``; None: view e.
         counter: a ``ViewClock`` that counts each teacher's samples (may be ``clock``).
+        fault: a teacher process to kill once (fault injection), or None.
     """
     dataset = to_ray_dataset(source, indices, num_cpus=_TASK_CPUS)
     if clock is not None:
@@ -218,18 +230,21 @@ def distill_dataset(
             batch_format="numpy",
             num_cpus=_TASK_CPUS,
         )
-    return add_teacher_stages(dataset, teachers, counter)
+    return add_teacher_stages(dataset, teachers, counter, fault)
 
 
 def add_teacher_stages(
-    dataset: ray.data.Dataset, teachers: Sequence[TeacherStageSpec], counter: Any = None
+    dataset: ray.data.Dataset,
+    teachers: Sequence[TeacherStageSpec],
+    counter: Any = None,
+    fault: TeacherFault | None = None,
 ) -> ray.data.Dataset:
     """One ``map_batches`` stage per teacher, each adding ``logits/<teacher>``."""
     for spec in teachers:
         if spec.stage == "tasks":
             dataset = dataset.map_batches(
                 _teacher_task,
-                fn_kwargs={"spec": spec, "counter": counter},
+                fn_kwargs={"spec": spec, "counter": counter, "fault": fault},
                 num_cpus=spec.num_cpus,
                 batch_size=spec.batch_size,
                 batch_format="numpy",
@@ -238,7 +253,7 @@ def add_teacher_stages(
             continue
         dataset = dataset.map_batches(
             TeacherStage,
-            fn_constructor_kwargs={"spec": spec, "counter": counter},
+            fn_constructor_kwargs={"spec": spec, "counter": counter, "fault": fault},
             compute=ray.data.ActorPoolStrategy(size=spec.actors),
             num_gpus=spec.num_gpus,
             num_cpus=spec.num_cpus,

@@ -15,7 +15,7 @@ from ray_aekd.config import DistillConfig
 from ray_aekd.data import normalize
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.models import build_model, forward_with_feature, model_spec
-from ray_aekd.models.checkpoint import CheckpointError, read_metadata
+from ray_aekd.models.checkpoint import CheckpointError, load_checkpoint, read_metadata
 from ray_aekd.pipeline import _TASK_CPUS, TeacherStageSpec, logits_column, teacher_hint_layer
 from ray_aekd.session import Demand
 from ray_aekd.tracking import MLFLOW_URI_SCHEMES, resolve_tracking_uri
@@ -65,6 +65,17 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
     )
 
 
+_CHECKPOINT_ALLOWED = (
+    "a ray_aekd checkpoint (a folder or URI holding metadata.json and a tensors-only weights.pt that matches its "
+    "hash, as `ray-aekd teachers` writes)"
+)
+
+
+def _sentence(error: Exception) -> str:
+    """An error's text as the middle of a ``key: ...; allowed: ...`` line (one line, no final period)."""
+    return " ".join(str(error).split()).rstrip(".")
+
+
 def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dict[str, Any]:
     """Teachers fit the data, the student runs on it, batches fit the split. Returns the
     facts the workers need (``info``)."""
@@ -72,21 +83,27 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
     x = normalize(image.unsqueeze(0).repeat(2, 1, 1, 1), source.mean, source.std)
     teacher_channels = []
     for i, teacher in enumerate(config.teachers):
+        key = f"teachers.{i}.checkpoint"
         try:
             meta = read_metadata(teacher.checkpoint)
         except (CheckpointError, OSError) as error:
-            raise ValueError(f"teachers.{i}.checkpoint: {error}") from None
+            raise ValueError(f"{key}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}.") from None
         if meta.num_classes != source.num_classes or tuple(meta.input_shape) != source.input_shape:
             raise ValueError(
-                f"teachers.{i}.checkpoint: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "
+                f"{key}: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "
                 f"{list(meta.input_shape)}, but {config.data.dataset} has {source.num_classes} classes and inputs "
-                f"{list(source.input_shape)}."
+                f"{list(source.input_shape)}; allowed: a teacher trained for {source.num_classes} classes and inputs "
+                f"{list(source.input_shape)} (the teachers and the student read the same images)."
             )
+        try:  # the whole checkpoint, as the teacher stages will read it: hash, tensors only, fits its architecture
+            model, meta = load_checkpoint(teacher.checkpoint)
+        except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+            raise ValueError(f"{key}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}.") from None
         if config.distill.hint_weight > 0:
-            model = build_model(meta.architecture, meta.num_classes, in_channels=meta.input_shape[0]).eval()
             with torch.no_grad():
                 _, feature = forward_with_feature(model, x, teacher_hint_layer(meta.architecture))
             teacher_channels.append((meta.architecture, list(feature.shape[1:])))
+        del model
     student = build_model(config.student.model, source.num_classes, in_channels=source.input_shape[0]).eval()
     info: dict[str, Any] = {
         "num_classes": source.num_classes,
@@ -116,19 +133,23 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
             else:
                 student(x)
     except RuntimeError as error:
+        shape = list(source.input_shape)
         raise ValueError(
-            f"student.model: {config.student.model!r} does not run on {config.data.dataset} images of shape "
-            f"{list(source.input_shape)} ({error})."
+            f"student.model: got {config.student.model!r}, which does not run on {config.data.dataset} images of "
+            f"shape {shape} ({_sentence(error)}); allowed: a model that takes {shape} inputs (digits_mlp and "
+            "digits_cnn are made for the 8x8 digits, the CIFAR nets for 32x32 images)."
         ) from None
     workers = max(1, config.workers.num_workers)
-    if config.train.batch_size % workers:
+    batch = config.train.batch_size
+    if batch % workers:
+        at_least = f", so at least {workers}" if batch < workers else ""
         raise ValueError(
-            f"train.batch_size: got {config.train.batch_size}; allowed: a multiple of workers.num_workers = {workers} "
+            f"train.batch_size: got {batch}; allowed: a multiple of workers.num_workers = {workers}{at_least} "
             "(it is the global batch, split evenly across workers)."
         )
-    if num_train // workers < config.train.batch_size // workers:
+    if num_train // workers < batch // workers:
         raise ValueError(
-            f"train.batch_size: got {config.train.batch_size}; allowed: at most {num_train // workers * workers} "
+            f"train.batch_size: got {batch}; allowed: at most {num_train // workers * workers} "
             f"(the training split has {num_train} samples for {workers} worker(s))."
         )
     return info
@@ -192,11 +213,12 @@ def run_demands(config: DistillConfig, *, teachers: bool, workers: bool) -> list
 def shared_paths(config: DistillConfig, written: Path, tracking_uri: str) -> dict[str, str]:
     """Config key -> local path that every node of a cluster must see (``session.check_shared``):
     ``written``, a file the driver has just put in the run folder, what workers and teacher
-    actors read, and the folder of a SQLite tracking store (rank 0 logs to it from its node).
-    ``config`` has resolved paths."""
+    actors read, and the file of a SQLite tracking store that exists (rank 0 logs to it from
+    its node; the caller makes sure it exists). ``config`` has resolved paths."""
     paths = {"output_dir": str(written)}
-    if tracking_uri.startswith("sqlite:////"):
-        paths["tracking.uri"] = str(Path(tracking_uri[len("sqlite:///") :]).parent)
+    database = Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:////") else None
+    if database is not None and database.exists():
+        paths["tracking.uri"] = str(database)
     if config.data.path is not None:
         paths["data.path"] = config.data.path
     if config.cache.path is None:

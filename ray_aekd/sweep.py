@@ -41,7 +41,7 @@ from ray_aekd.prepare import check_run, resolve_paths, shared_paths
 from ray_aekd.session import check_shared, connect
 from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
 from ray_aekd.sweep_space import TOLERANCE_FRACTION, Dimension, SweepConfig, apply_values, load_sweep, parse_space
-from ray_aekd.tracking import experiment_id, limit_mlflow_retries, resolve_tracking_uri
+from ray_aekd.tracking import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri
 
 __all__ = ["SweepResult", "run_sweep", "sweep_from_file"]
 
@@ -211,6 +211,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
     if config.storage_path is not None and "://" not in config.storage_path:
         Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(config.tracking.uri)
+    open_store(uri)  # a SQLite store's file must exist to be checked
     check_shared(shared_paths(config, sweep_dir / "sweep.json", uri), uri)  # trials run on any node
     # the trials log where the driver does, whatever their processes' environment says
     base["tracking"] = dict(base.get("tracking") or {}, uri=uri)

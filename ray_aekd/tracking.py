@@ -7,6 +7,7 @@ write to the same file).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -21,6 +22,8 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "MLFLOW_URI_SCHEMES",
     "RunLogger",
+    "log_student_model",
+    "open_store",
     "experiment_id",
     "limit_mlflow_retries",
     "local_checkpoint_path",
@@ -39,6 +42,14 @@ def resolve_tracking_uri(config_uri: str | None = None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def open_store(uri: str) -> None:
+    """Create a local SQLite store now (MLflow creates it on first use); anything else, or a
+    store that cannot be opened, is left to the first real call."""
+    if uri.startswith("sqlite:"):
+        with contextlib.suppress(Exception):  # reported where the run is opened
+            MlflowClient(uri).search_experiments(max_results=1)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -66,8 +77,8 @@ class RunLogger:
     ``alpha/``, ``plots/``, ``student/``), which can be logged later.
     """
 
-    def __init__(self, uri: str, run_id: str | None) -> None:
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str | None, run_dir: str | Path | None = None) -> None:
+        self.uri, self.run_id, self.run_dir = uri, run_id, run_dir
         self._client: MlflowClient | None = None
         self._enabled = run_id is not None
 
@@ -83,9 +94,11 @@ class RunLogger:
                 self._client = MlflowClient(self.uri)
             fn()
         except Exception as error:  # any MLflow/network failure: warn once, keep training
+            later = f"`ray-aekd upload {self.run_dir}`" if self.run_dir else "`ray-aekd upload <run folder>`"
             warnings.warn(
                 f"MLflow at {self.uri} failed while logging {what} ({type(error).__name__}: {error}); "
-                "training goes on and MLflow logging is off for this run; everything stays in the run folder.",
+                "training goes on and MLflow logging is off for this run; everything stays in the run folder, "
+                f"and {later} logs it when the server is back.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -112,22 +125,29 @@ class RunLogger:
         """Log ``model`` as an MLflow PyTorch model (MLflow 3's default ``pt2`` format, a
         ``torch.export`` graph traced on ``input_example``: no pickled Python objects)."""
 
-        def log() -> None:
-            import mlflow
-            import mlflow.pytorch
-            import torch
+        self._call(
+            "the model",
+            lambda: log_student_model(self.uri, self.run_id, model, name, input_example, registered_model_name),  # type: ignore[arg-type]
+        )
 
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(
-                    model,
-                    name=name,
-                    registered_model_name=registered_model_name,
-                    input_example=input_example,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                )
 
-        self._call("the model", log)
+def log_student_model(
+    uri: str, run_id: str, model: Any, name: str, input_example: Any, registered_model_name: str | None = None
+) -> None:
+    """Log ``model`` to run ``run_id`` as an MLflow PyTorch model; raises what MLflow raises."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            model,
+            name=name,
+            registered_model_name=registered_model_name,
+            input_example=input_example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
 
 
 def limit_mlflow_retries() -> None:

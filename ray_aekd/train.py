@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ from torch import nn
 from ray_aekd.config import DistillConfig, from_dict
 from ray_aekd.data.views import normalize
 from ray_aekd.engine import DistillSettings, HintStudent, distill_step, make_optimizer
+from ray_aekd.faults import UNREACHABLE_TRACKING_URI, die, fire_once
 from ray_aekd.losses import HintRegressors
 from ray_aekd.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
 from ray_aekd.models import build_model
@@ -39,6 +41,7 @@ from ray_aekd.models.checkpoint import CheckpointMetadata, save_checkpoint
 from ray_aekd.pipeline import feature_column, logits_column
 from ray_aekd.plots import plot_cosine_matrix, plot_weights
 from ray_aekd.tracking import RunLogger, limit_mlflow_retries
+from ray_aekd.weighting import NonFiniteLogitsError
 
 __all__ = ["STATE_FILE", "train_loop"]
 
@@ -105,7 +108,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function. ``loop_config``: ``config`` (the resolved DistillConfig as
     plain data), ``info`` (data and model facts measured by the driver), ``run_dir``,
     ``clock`` (a ViewClock), ``tracking_uri``, ``mlflow_run_id``, ``progress`` (print a line
-    per epoch from rank 0; a sweep prints its own)."""
+    per epoch from rank 0; a sweep prints its own), ``source_size`` (samples in the source:
+    the length of the per-epoch tally of which samples the workers got)."""
     limit_mlflow_retries()
     config = from_dict(DistillConfig, loop_config["config"])
     info = loop_config["info"]
@@ -115,7 +119,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     num_teachers = len(names)
     rank, world = _world()
     device = ray.train.torch.get_device()
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"] if rank == 0 else None)
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"] if rank == 0 else None, run_dir)
 
     torch.manual_seed(config.seed)  # same initial student on every worker
     model = ray.train.torch.prepare_model(_build_student(config, info))
@@ -173,6 +177,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     batch_size = train.batch_size // max(1, config.workers.num_workers)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    faults, fault_dir = config.faults, run_dir / "faults"
 
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
@@ -180,7 +185,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ray.get(clock.set.remote(epoch))
         _barrier()  # nobody reads epoch e's views before the clock says e
         model.train()
+        down = faults.mlflow_down_epoch is not None and epoch + 1 >= faults.mlflow_down_epoch
+        if rank == 0 and down and logger.uri != UNREACHABLE_TRACKING_URI:  # the server goes away
+            logger = RunLogger(UNREACHABLE_TRACKING_URI, logger.run_id if logger.enabled else None, run_dir)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, loss, ce, kd (and hint)
+        tally = torch.zeros(loop_config["source_size"], dtype=torch.int64, device=device)  # times each sample came
         hint_sum = torch.zeros((), dtype=torch.float64, device=device)
         weights, grams = [], []
         batches = train_shard.iter_torch_batches(
@@ -191,11 +200,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=config.seed * 1000 + epoch,
         )
         for batch in batches:
+            doomed = rank == faults.kill_worker_rank and step == faults.kill_worker_step
+            if doomed and fire_once(fault_dir, "kill_worker"):
+                die(f"killing Train worker rank {rank} (pid {os.getpid()}) before step {step}, in epoch {epoch + 1}")
             images = normalize(batch["image"], mean, std)
             labels = batch["label"]
+            tally.index_add_(0, batch["index"], torch.ones_like(batch["index"]))
             teacher_logits = torch.stack([batch[logits_column(n)] for n in names])
             features = [batch[feature_column(n)] for n in names] if hinted else None
-            out = distill_step(model, images, labels, teacher_logits, optimizer, settings, reduce, step, features)
+            try:
+                out = distill_step(model, images, labels, teacher_logits, optimizer, settings, reduce, step, features)
+            except NonFiniteLogitsError as error:
+                who = f"teacher {names[error.teachers[0]]!r}" if error.teachers else "the student"
+                raise FloatingPointError(
+                    f"{who} produced non-finite logits (NaN or Inf) at step {step} (epoch {epoch + 1}); stopping. "
+                    + ("Check that teacher's checkpoint and inputs." if error.teachers else "Lower train.lr.")
+                ) from None
             count = labels.shape[0]
             sums += torch.stack([torch.tensor(count, device=device), out["loss"] * count, out["ce"] * count,
                                  out["kd"] * count]).double()  # fmt: skip
@@ -213,6 +233,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         scheduler.step()
         sums = _all_reduce_sum(sums)
         hint_sum = _all_reduce_sum(hint_sum)
+        tally = _all_reduce_sum(tally)
         alpha = torch.stack(weights).double().cpu()  # [S, M], one host read per epoch
         gram = torch.stack(grams).double().cpu()  # [S, M, M]
         diag = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
@@ -244,6 +265,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["train/hint"] = float(hint_sum) / samples
         metrics |= {f"weights/{name}": float(alpha[:, m].mean()) for m, name in enumerate(names)}
         metrics |= {
+            "train/samples": samples,  # what the workers trained on (full batches only)
+            "train/repeated_samples": float((tally > 1).sum()),  # samples that came twice or more this epoch
             "lr": lr,
             "train/samples_per_second": samples / train_seconds,
             "epoch_seconds": time.perf_counter() - started,

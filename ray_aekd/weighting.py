@@ -40,6 +40,7 @@ __all__ = [
     "STRATEGIES",
     "GradientSpace",
     "aekd_weights",
+    "NonFiniteLogitsError",
     "check_finite_logits",
     "kd_logit_gradients",
     "min_norm_weights",
@@ -247,8 +248,17 @@ def aekd_weights(
     return min_norm_weights(gram, tolerance).detach()
 
 
+class NonFiniteLogitsError(ValueError):
+    """Logits with NaN or Inf. ``teachers``: the indices of the teachers whose logits are not
+    finite (empty: the student's are not); ``step``: the training step, when known."""
+
+    def __init__(self, message: str, teachers: list[int], step: int | None = None) -> None:
+        super().__init__(message)
+        self.teachers, self.step = teachers, step
+
+
 def check_finite_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming the first teacher (or the student) with NaN/Inf logits.
+    """Raise ``NonFiniteLogitsError`` naming the first teacher (or the student) with NaN/Inf logits.
 
     Args:
         student_logits: ``[B, K]``.
@@ -261,11 +271,12 @@ def check_finite_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
         return
     bad = [i for i, ok in enumerate(flags[:-1].tolist()) if not ok]
     if bad:
-        raise ValueError(
+        raise NonFiniteLogitsError(
             f"Teacher {bad[0]} produced non-finite logits (NaN or Inf)"
-            + (f"; teachers {bad} all did." if len(bad) > 1 else ".")
+            + (f"; teachers {bad} all did." if len(bad) > 1 else "."),
+            bad,
         )
-    raise ValueError("The student produced non-finite logits (NaN or Inf).")
+    raise NonFiniteLogitsError("The student produced non-finite logits (NaN or Inf).", [])
 
 
 # --------------------------------------------------------------------------- solver

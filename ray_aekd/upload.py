@@ -1,0 +1,120 @@
+"""``ray-aekd upload RUN_DIR``: log a run folder to MLflow after the fact.
+
+A distillation keeps everything in its run folder (``config.json``, ``metrics.jsonl``,
+``result.json``, ``alpha/``, ``plots/``, ``student/``) whether or not MLflow was reachable. When
+the tracking server was down for part or all of a run, this puts the run in MLflow as if it had
+been up: into the run the distillation opened (``mlflow_run_id``), or a new one when there is
+none, logging only the epochs the run does not have yet, so that its history has each epoch
+once. Artifacts and the model are logged when the run has no ``checkpoint/`` artifact yet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ray_aekd.models.checkpoint import load_checkpoint
+from ray_aekd.tracking import experiment_id, log_student_model, resolve_tracking_uri
+
+__all__ = ["upload"]
+
+RUN_ID_FILE = "mlflow_run_id"
+_NOT_METRICS = ("epoch", "step")
+
+
+def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[str], None] = print) -> str:
+    """Log the run folder ``run_dir`` to MLflow (``tracking_uri``, else ``MLFLOW_TRACKING_URI``,
+    else the run's ``tracking.uri``, else ``sqlite:///mlflow.db``); returns the MLflow run id."""
+    run_dir = Path(run_dir).resolve()
+    config_file, metrics_file = run_dir / "config.json", run_dir / "metrics.jsonl"
+    if not config_file.is_file() or not metrics_file.is_file():
+        raise ValueError(
+            f"run_dir: got {str(run_dir)!r}; allowed: a ray_aekd run folder (with config.json and metrics.jsonl)."
+        )
+    saved = json.loads(config_file.read_text())
+    uri = tracking_uri or resolve_tracking_uri(saved.get("tracking.uri"))
+    try:
+        return _upload(run_dir, saved, uri, log)
+    except (MlflowException, OSError) as error:  # refused, unreachable (connection, DNS)
+        raise ValueError(
+            f"tracking.uri: the upload to MLflow at {uri} failed ({type(error).__name__}: {error}); run it again when "
+            "the server answers (it logs only what the run lacks)."
+        ) from None
+
+
+def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str], None]) -> str:
+    client = MlflowClient(uri)
+    id_file = run_dir / RUN_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log(f"run {run_id} of {run_dir} is not in {uri}; creating a new one")
+            run_id = None
+    if run_id is None:
+        run = client.create_run(
+            experiment_id(client, saved.get("tracking.experiment", "ray-aekd")),
+            run_name=saved.get("name", run_dir.name),
+            tags={
+                "ray_aekd.strategy": str(saved.get("distill.strategy")),
+                "ray_aekd.run_dir": str(run_dir),
+                "ray_aekd.uploaded": "true",
+            },
+        )
+        run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in saved.items() if not k.startswith("__")]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+    logged = {m.step for m in client.get_metric_history(run_id, "val/acc1")}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    stamp = int(time.time() * 1000)
+    missing = [row for row in rows if row["epoch"] not in logged]
+    metrics = [
+        Metric(k, float(v), stamp, int(row["epoch"]))
+        for row in missing
+        for k, v in row.items()
+        if k not in _NOT_METRICS and isinstance(v, int | float)
+    ]
+    result_file = run_dir / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    have = client.get_run(run_id).data.metrics
+    if result is not None:
+        once = {f"teacher/{n}/val/acc1": a for n, a in result["teachers"].items()}
+        once |= {"ensemble/val/acc1": result["ensemble_acc1"]}
+        once |= {"teacher_forward_passes": float(sum(result.get("teacher_forward_passes", {}).values()))}
+        metrics += [Metric(k, float(v), stamp, 0) for k, v in once.items() if k not in have]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    student = run_dir / "student"
+    logged_files = False
+    if "checkpoint" not in artifacts and student.is_dir():
+        for folder, name in (("plots", "plots"), ("alpha", "alpha"), ("student", "checkpoint")):
+            if (run_dir / folder).is_dir():
+                client.log_artifacts(run_id, str(run_dir / folder), name)
+        for name in ("metrics.jsonl", "cosine.json", "config.json"):
+            if (run_dir / name).is_file():
+                client.log_artifact(run_id, str(run_dir / name))
+        model, meta = load_checkpoint(str(student))
+        example = np.zeros((2, *meta.input_shape), dtype=np.float32)
+        log_student_model(uri, run_id, model.eval(), "student", example, saved.get("tracking.register_model"))
+        logged_files = True
+    if result is not None:
+        client.set_terminated(run_id, "FINISHED")
+    id_file.write_text(run_id)
+    log(
+        f"uploaded {run_dir} to MLflow at {uri}: run {run_id}, {len(missing)} epoch(s) logged"
+        + (f" ({len(rows) - len(missing)} were there already)" if len(rows) > len(missing) else "")
+        + (", artifacts and the student model" if logged_files else "")
+        + ("" if result is not None else "; the run folder has no result.json (the run did not finish): left RUNNING")
+    )
+    return run_id
