@@ -73,12 +73,13 @@ def read_metadata(path: str) -> CheckpointMetadata:
     fs, root = fsspec.core.url_to_fs(path)
     meta_path = f"{root}/{METADATA}"
     if not fs.exists(meta_path):
-        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {METADATA} is missing.")
+        where = "" if fs.exists(root) else " (the path does not exist)"
+        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {METADATA} is missing{where}.")
     try:
         with fs.open(meta_path, "r") as f:
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: {METADATA} is not valid JSON ({error}).") from None
+        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {METADATA} is not valid JSON ({error}).") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ray_aekd checkpoint ({METADATA} has no format {FORMAT!r}).")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -90,6 +91,7 @@ def read_metadata(path: str) -> CheckpointMetadata:
         meta = CheckpointMetadata(**raw)
     except TypeError as error:
         raise CheckpointError(f"{path}: {METADATA} does not have the expected fields ({error}).") from None
+    _check_fields(path, meta)
     # JSON has lists where the dataclass has tuples
     return replace(
         meta,
@@ -98,6 +100,74 @@ def read_metadata(path: str) -> CheckpointMetadata:
         std=tuple(meta.std),
         class_names=tuple(meta.class_names),
     )
+
+
+def _check_fields(path: str, meta: CheckpointMetadata) -> None:
+    """The fields the loaders rely on have the types and sizes they need (the JSON is data from
+    anywhere: a wrong type must be an error here, not a crash in a teacher actor)."""
+
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def numbers(v: object) -> bool:
+        return isinstance(v, list | tuple) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+
+    shape = meta.input_shape
+    shape_ok = isinstance(shape, list | tuple) and len(shape) == 3 and all(map(whole, shape))
+    channels = shape[0] if shape_ok else None
+    checks = [  # evaluated in order: a later check may rely on an earlier one
+        ("architecture", lambda: isinstance(meta.architecture, str) and bool(meta.architecture), "a model name"),
+        ("num_classes", lambda: whole(meta.num_classes), "an integer >= 1"),
+        ("input_shape", lambda: shape_ok, "[C, H, W], three integers >= 1"),
+        ("mean", lambda: numbers(meta.mean) and len(meta.mean) in (1, channels), "one number, or one per channel"),
+        ("std", lambda: numbers(meta.std) and len(meta.std) in (1, channels) and all(s > 0 for s in meta.std),
+         "one number > 0, or one per channel"),
+        ("weights_sha256", lambda: isinstance(meta.weights_sha256, str), "a hex string"),
+    ]  # fmt: skip
+    for name, ok, allowed in checks:
+        if not ok():
+            raise CheckpointError(
+                f"{path} is not a ray_aekd checkpoint: {METADATA} has {name} = {getattr(meta, name)!r} "
+                f"(expected {allowed})."
+            )
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _unpickling_detail(error: Exception) -> str:
+    """What torch's ``weights_only`` loader refused, without its advice to load with
+    ``weights_only=False`` (which would run the code)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    keep = [
+        line.replace("Please file an issue with the following so that we can make `weights_only=True` "
+                     "compatible with your use case: ", "")
+        for line in lines
+        if not line.startswith(("Weights only load failed", "Check the documentation"))
+    ]  # fmt: skip
+    if not lines:
+        return type(error).__name__
+    return _one_line(" ".join(keep) or lines[0])
+
+
+def _misfit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` differs from the state dict ``expected``, in a few words; ``""`` if it fits."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the {len(expected)} tensors it needs are missing, e.g. {missing[0]!r}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of another shape, e.g. {k!r} {list(state[k].shape)} for {list(expected[k].shape)}"
+        )
+    return "; ".join(parts)
 
 
 def load_checkpoint(
@@ -113,8 +183,8 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: missing files, not our format, hash mismatch (truncated or
-            altered weights), pickled objects in the weights, a state dict that does not
-            fit the architecture, or metadata that disagrees with the expectations.
+            altered weights), pickled objects in the weights, NaN or Inf in the weights,
+            a state dict that does not fit the architecture, or metadata that disagrees with the expectations.
     """
     meta = read_metadata(path)
     if expect_num_classes is not None and meta.num_classes != expect_num_classes:
@@ -128,26 +198,49 @@ def load_checkpoint(
     fs, root = fsspec.core.url_to_fs(path)
     weights_path = f"{root}/{WEIGHTS}"
     if not fs.exists(weights_path):
-        raise CheckpointError(f"{path}: {WEIGHTS} is missing.")
+        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {WEIGHTS} is missing.")
     with fs.open(weights_path, "rb") as f:
         data = f.read()
     digest = hashlib.sha256(data).hexdigest()
     if digest != meta.weights_sha256:
         raise CheckpointError(
-            f"{path}: {WEIGHTS} does not match the hash in {METADATA} (truncated or altered; "
+            f"{path} is damaged: {WEIGHTS} does not match the hash in {METADATA} (truncated or altered; "
             f"{len(data)} bytes, sha256 {digest[:12]}..., expected {meta.weights_sha256[:12]}...)."
         )
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path}: {WEIGHTS} holds more than tensors and is refused (nothing is unpickled): {error}"
+            f"{path} is unsafe: {WEIGHTS} holds more than tensors and is refused (nothing was unpickled; "
+            f"{_unpickling_detail(error)})."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is damaged: {WEIGHTS} is not a readable torch file ({_one_line(str(error))})."
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: {WEIGHTS} is not a state dict of tensors.")
-    model = build_model(meta.architecture, meta.num_classes, in_channels=meta.input_shape[0])
+        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {WEIGHTS} is not a state dict of tensors.")
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        which = f"its tensor {non_finite[0]!r} holds" if len(non_finite) == 1 else f"{len(non_finite)} tensors hold"
+        more = f", e.g. {non_finite[0]!r}" if len(non_finite) > 1 else ""
+        raise CheckpointError(f"{path} is damaged: {which} NaN or Inf{more}.")
+    try:
+        model = build_model(meta.architecture, meta.num_classes, in_channels=meta.input_shape[0])
+    except ValueError as error:
+        raise CheckpointError(
+            f"{path} does not load: {METADATA} names architecture {meta.architecture!r} ({error})"
+        ) from None
+    misfit = _misfit(model.state_dict(), state)
+    if misfit:
+        raise CheckpointError(
+            f"{path} does not load: its weights do not fit architecture {meta.architecture!r} ({misfit})."
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit architecture {meta.architecture!r}: {error}") from None
+        raise CheckpointError(
+            f"{path} does not load: its weights do not fit architecture {meta.architecture!r} "
+            f"({_one_line(str(error))})."
+        ) from None
     return model.eval(), meta
