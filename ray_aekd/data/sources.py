@@ -71,19 +71,29 @@ class ImageFolderSource:
         from torchvision.datasets import ImageFolder
 
         root = Path(root)
+        allowed = "a folder of class folders holding images (root/<class>/<image>) for dataset imagefolder"
         if not root.is_dir():
-            raise DataSourceError(f"data.path {str(root)!r} does not exist or is not a directory.")
+            raise DataSourceError(
+                f"data.path: got {str(root)!r}, which does not exist or is not a directory; allowed: {allowed}."
+            )
         try:
             self._folder = ImageFolder(str(root))
         except (FileNotFoundError, RuntimeError) as error:
             raise DataSourceError(
-                f"data.path {str(root)!r} holds no images in class folders (expected root/<class>/<image>): {error}"
+                f"data.path: got {str(root)!r}, which holds no images in class folders ({_one_line(error)}); "
+                f"allowed: {allowed}."
             ) from None
         self.name = "imagefolder"
         self.class_names = tuple(self._folder.classes)
         self.num_classes = len(self.class_names)
         self._size = size
-        first, _ = self[0]
+        try:  # the first image fixes the input shape; one that cannot be decoded stops here, not in a worker
+            first, _ = self[0]
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError is an OSError
+            raise DataSourceError(
+                f"data.path: got {str(root)!r}, whose first image {self._folder.samples[0][0]!r} cannot be read "
+                f"({_one_line(error)}); allowed: {allowed}, which PIL can decode."
+            ) from None
         self.input_shape = (first.shape[0], first.shape[1], first.shape[2])
         self.mean = (0.485, 0.456, 0.406)
         self.std = (0.229, 0.224, 0.225)
@@ -99,6 +109,10 @@ class ImageFolderSource:
         if self._size is not None:
             image = resize(image, [self._size, self._size], antialias=True)
         return image, label
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()).rstrip(".")
 
 
 def digits_source() -> TensorSource:
@@ -133,9 +147,10 @@ def cifar_source(name: str, root: str | Path, train: bool = True, download: bool
     try:
         dataset = getattr(torchvision.datasets, cls_name)(str(root), train=train, download=download)
     except RuntimeError as error:
+        found = str(error).split(". You can use download=True")[0].rstrip(".")  # torchvision's Python advice
         raise DataSourceError(
-            f"{name} was not found under data.path {str(root)!r} ({error}). Put the extracted "
-            f"'{folder}/' folder there (from {url}), or set data.download: true where the network allows."
+            f"data.path: {name} was not found under data.path {str(root)!r} ({found}); allowed: a folder holding "
+            f"the extracted '{folder}/' folder (from {url}), or data.download: true where the network allows."
         ) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
     return TensorSource(
