@@ -46,6 +46,7 @@ from ray_aekd.prepare import (
     stage_specs,
     teacher_accuracy,
 )
+from ray_aekd.provenance import environment, environment_tags
 from ray_aekd.session import Demand, check_shared, connect
 from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache
 from ray_aekd.tracking import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri
@@ -143,6 +144,7 @@ def _open_run(
             experiment_id(client, config.tracking.experiment),
             run_name=config.name,
             tags={"ray_aekd.strategy": config.distill.strategy, "ray_aekd.run_dir": str(run_dir)}
+            | environment_tags()
             | (trial.tags if trial else {})
             | ({"mlflow.parentRunId": trial.parent_run_id} if trial and trial.parent_run_id else {}),
         )
@@ -208,6 +210,7 @@ def distill(
         "__teacher_weights__": weights,
     }
     (run_dir / "config.json").write_text(json.dumps(saved, indent=2))
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
     if config.storage_path is not None and "://" not in config.storage_path:
         Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     if trial is None:  # a sweep has checked its folders already

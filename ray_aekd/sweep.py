@@ -38,6 +38,7 @@ from ray_aekd.config import DistillConfig, apply_preset, flatten, from_dict
 from ray_aekd.data import open_source, split_indices
 from ray_aekd.distill import TrialHooks, _demands, _resources, distill
 from ray_aekd.prepare import check_run, resolve_paths, shared_paths
+from ray_aekd.provenance import environment_tags
 from ray_aekd.session import check_shared, connect
 from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
 from ray_aekd.sweep_space import TOLERANCE_FRACTION, Dimension, SweepConfig, apply_values, load_sweep, parse_space
@@ -351,7 +352,9 @@ def _open_parent(sweep: SweepConfig, config: DistillConfig, uri: str, log: Calla
     try:
         client = MlflowClient(uri)
         run = client.create_run(
-            experiment_id(client, config.tracking.experiment), run_name=sweep.name, tags={SWEEP_TAG: "true"}
+            experiment_id(client, config.tracking.experiment),
+            run_name=sweep.name,
+            tags={SWEEP_TAG: "true"} | environment_tags(),
         )
         values = {f"sweep.{k}": v for k, v in flatten(sweep).items() if not k.startswith(("space", "overrides"))}
         values |= {f"space.{k}": json.dumps(v) for k, v in sweep.space.items()}

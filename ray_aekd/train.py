@@ -362,8 +362,9 @@ def _finish(
     logger.log_artifacts(str(run_dir / "plots"), "plots")
     logger.log_artifacts(str(run_dir / "alpha"), "alpha")
     logger.log_artifacts(str(run_dir / "student"), "checkpoint")
-    for name in ("metrics.jsonl", "cosine.json", "config.json"):
-        logger.log_artifact(str(run_dir / name))
+    for name in ("metrics.jsonl", "cosine.json", "config.json", "environment.json"):
+        if (run_dir / name).exists():
+            logger.log_artifact(str(run_dir / name))
     example = np.zeros((2, *info["input_shape"]), dtype=np.float32)
     logger.log_model(student.eval(), "student", example, config.tracking.register_model)
     (run_dir / DONE_FILE).write_text("finished\n")  # last: a failure above is redone on resume

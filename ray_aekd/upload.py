@@ -101,7 +101,7 @@ def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str],
         for folder, name in (("plots", "plots"), ("alpha", "alpha"), ("student", "checkpoint")):
             if (run_dir / folder).is_dir():
                 client.log_artifacts(run_id, str(run_dir / folder), name)
-        for name in ("metrics.jsonl", "cosine.json", "config.json"):
+        for name in ("metrics.jsonl", "cosine.json", "config.json", "environment.json"):
             if (run_dir / name).is_file():
                 client.log_artifact(run_id, str(run_dir / name))
         model, meta = load_checkpoint(str(student))
