@@ -347,7 +347,8 @@ class LossConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.strategy in STRATEGIES, f"{prefix}.strategy", self.strategy, ", ".join(STRATEGIES))
-        _check(0 < self.tolerance <= 1, f"{prefix}.tolerance", self.tolerance, "a number in [1/M, 1]")
+        # the range [1/M, 1] needs M: DistillConfig.validate checks it with the numbers
+        _check(math.isfinite(self.tolerance), f"{prefix}.tolerance", self.tolerance, "a number in [1/M, 1]")
         ok = math.isfinite(self.temperature) and self.temperature > 0
         _check(ok, f"{prefix}.temperature", self.temperature, "a finite number > 0")
         for key in ("ce_weight", "kd_weight", "hint_weight"):
@@ -424,13 +425,14 @@ class DistillConfig:
             self.distill.strategy,
             "average when there is a single teacher (weighting needs M >= 2)",
         )
-        if self.distill.strategy == "aekd" and num >= 2:
-            _check(
-                1 / num - 1e-9 <= self.distill.tolerance <= 1,
-                "distill.tolerance",
-                self.distill.tolerance,
-                f"a number in [1/M, 1] = [{1 / num:.6g}, 1] for M = {num} teachers",
-            )
+        low = 1 / max(num, 1)
+        _check(
+            low - 1e-9 <= self.distill.tolerance <= 1,
+            "distill.tolerance",
+            self.distill.tolerance,
+            f"a number in [1/M, 1] = [{low:.6g}, 1] for M = {num} teacher{'s' if num != 1 else ''}"
+            + ("" if self.distill.strategy == "aekd" else f" (only aekd reads it; {self.distill.strategy} does not)"),
+        )
         if self.cache.path is not None:
             _check(
                 self.data.views is not None or not self.data.augment,
@@ -570,7 +572,8 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     """Build dataclass ``cls`` from plain data, checking keys and types, then ``validate``."""
     where = prefix or "config"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping; got {data!r}.")
+        fields = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        raise ConfigError(f"{where}: got {data!r}; allowed: a mapping of {fields}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:

@@ -194,6 +194,8 @@ def run_demands(config: DistillConfig, *, teachers: bool, workers: bool) -> list
                     label_selector=t.label_selector,
                     count=t.actors if pool else 1,
                     held=pool,  # an actor pool holds its resources for the whole run; tasks while they run
+                    gpu_key=f"teachers.{i}.num_gpus" if t.num_gpus else "",
+                    gpu_value=f"{t.num_gpus:g}",
                 )
             )
     if workers:
@@ -205,6 +207,8 @@ def run_demands(config: DistillConfig, *, teachers: bool, workers: bool) -> list
                 resources={"CPU": w.cpus_per_worker} | ({"GPU": 1.0} if w.use_gpu else {}) | w.resources,
                 label_selector=w.label_selector,
                 count=max(1, w.num_workers),
+                gpu_key="workers.use_gpu" if w.use_gpu else "",
+                gpu_value="true",
             )
         )
     return demands

@@ -30,6 +30,8 @@ class Demand:
     label_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
     count: int = 1
     held: bool = True
+    gpu_key: str = ""  # the key that asks for its GPUs and its value ("teachers.0.num_gpus", "1")
+    gpu_value: str = ""
 
 
 def connect(
@@ -61,15 +63,33 @@ def connect(
         if address:
             ray.init(address=address, log_to_driver=log_to_driver)
         else:
+            _check_local_gpus(num_gpus, demands)  # before a local Ray takes 20 s to start
             wanted = num_cpus if local_cpus is None else local_cpus
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted) + 1), log_to_driver=log_to_driver)
+    if demands:  # first: one actor or worker that fits on no node says which key asked for what
+        check_demands(demands, [n for n in ray.nodes() if n.get("Alive")])
     total = ray.cluster_resources()
     for name, need in (("GPU", num_gpus), ("CPU", num_cpus)):
         have = total.get(name, 0)
         if need > have:
             raise ValueError(f"{what} need {need:g} {name}(s), but this Ray cluster has {have:g}; {hint}.")
-    if demands:
-        check_demands(demands, [n for n in ray.nodes() if n.get("Alive")])
+
+
+def _check_local_gpus(num_gpus: float, demands: Sequence[Demand]) -> None:
+    """Refuse GPUs this machine does not have, when a local Ray is about to start for the run."""
+    if num_gpus <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    asking = next((d for d in demands if d.resources.get("GPU", 0) > 0 and d.gpu_key), None)
+    if num_gpus <= have or asking is None:
+        return  # enough, or no key to name: the cluster check after ray.init says it
+    raise ValueError(
+        f"{asking.gpu_key}: got {asking.gpu_value}; allowed: GPUs this machine has ({have}; the run would need "
+        f"{num_gpus:g}), since no RAY_ADDRESS names a cluster: set it to 0 (teachers' num_gpus) or false "
+        "(workers.use_gpu) to run on CPU, or submit the run to a cluster with GPUs."
+    )
 
 
 def check_demands(demands: Sequence[Demand], nodes: Sequence[Mapping[str, Any]]) -> None:
@@ -82,8 +102,9 @@ def check_demands(demands: Sequence[Demand], nodes: Sequence[Mapping[str, Any]])
                 + (f" on a node labelled {_describe(demand.label_selector)}" if demand.label_selector else "")
                 + ", but no node of this Ray cluster offers that (nodes: "
                 + "; ".join(_describe_node(n) for n in nodes)
-                + f"). Change {demand.key}.resources / {demand.key}.label_selector (or its CPUs/GPUs), "
-                "or add such a node; Ray would wait for one forever."
+                + f"). Change {demand.key}.resources / {demand.key}.label_selector (or its CPUs/GPUs"
+                + (f": {demand.gpu_key} is {demand.gpu_value}" if demand.gpu_key else "")
+                + "), or add such a node; Ray would wait for one forever."
             )
     totals: dict[str, float] = {}
     for node in nodes:

@@ -58,6 +58,10 @@ def test_a_placement_no_node_can_meet_is_refused_before_scheduling(local_ray, di
     custom = load_config(DistillConfig, SMOKE, [*base, "teachers.1.resources={teacher_gpu: 1}"])
     with pytest.raises(ValueError, match=r"teachers.1: a teacher 'cnn_b' task needs \{CPU: 1, teacher_gpu: 1\}"):
         distill(custom, log=lambda line: None)
+    gpus = load_config(DistillConfig, SMOKE, [*base, "teachers.0.num_gpus=1"])
+    message = r"teachers.0: a teacher 'cnn_a' actor needs \{CPU: 1, GPU: 1\}.*teachers.0.num_gpus is 1"
+    with pytest.raises(ValueError, match=message):
+        distill(gpus, log=lambda line: None)
     assert not (tmp_path / "out").exists()  # refused before the run folder was made
 
 
