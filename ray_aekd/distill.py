@@ -49,7 +49,13 @@ from ray_aekd.prepare import (
 from ray_aekd.provenance import environment, environment_tags
 from ray_aekd.session import Demand, check_shared, connect
 from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache
-from ray_aekd.tracking import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri
+from ray_aekd.tracking import (
+    TRACKING_FAILED_FILE,
+    experiment_id,
+    limit_mlflow_retries,
+    open_store,
+    resolve_tracking_uri,
+)
 from ray_aekd.train import train_loop
 
 __all__ = ["DistillResult", "TrialHooks", "distill", "format_result"]
@@ -326,6 +332,9 @@ def distill(
                     f"warning: could not mark MLflow run {run_id} {status} ({error}); "
                     f"`ray-aekd upload {run_dir}` completes it when the server is back."
                 )
+    failed = run_dir / TRACKING_FAILED_FILE
+    if failed.exists():  # rank 0 lost MLflow during the run: say so where the user is looking
+        log("warning: " + failed.read_text().strip())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     metrics = json.loads(lines[-1])
     result = DistillResult(

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "MLFLOW_URI_SCHEMES",
     "RunLogger",
+    "TRACKING_FAILED_FILE",
     "log_student_model",
     "open_store",
     "experiment_id",
@@ -42,6 +43,10 @@ def resolve_tracking_uri(config_uri: str | None = None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+#: In a run folder: the tracking server failed during the run (what failed, and how to upload).
+TRACKING_FAILED_FILE = "mlflow_failed.txt"
 
 
 def open_store(uri: str) -> None:
@@ -95,13 +100,15 @@ class RunLogger:
             fn()
         except Exception as error:  # any MLflow/network failure: warn once, keep training
             later = f"`ray-aekd upload {self.run_dir}`" if self.run_dir else "`ray-aekd upload <run folder>`"
-            warnings.warn(
+            message = (
                 f"MLflow at {self.uri} failed while logging {what} ({type(error).__name__}: {error}); "
                 "training goes on and MLflow logging is off for this run; everything stays in the run folder, "
-                f"and {later} logs it when the server is back.",
-                RuntimeWarning,
-                stacklevel=3,
+                f"and {later} logs it when the server is back."
             )
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            if self.run_dir is not None:  # the driver repeats it at the end; upload removes it
+                with contextlib.suppress(OSError):
+                    (Path(self.run_dir) / TRACKING_FAILED_FILE).write_text(message + "\n")
             self._enabled = False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.models.checkpoint import load_checkpoint
-from ray_aekd.tracking import experiment_id, log_student_model, resolve_tracking_uri
+from ray_aekd.tracking import TRACKING_FAILED_FILE, experiment_id, log_student_model, resolve_tracking_uri
 
 __all__ = ["upload"]
 
@@ -111,6 +111,7 @@ def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str],
     if result is not None:
         client.set_terminated(run_id, "FINISHED")
     id_file.write_text(run_id)
+    (run_dir / TRACKING_FAILED_FILE).unlink(missing_ok=True)  # the run is in MLflow now
     log(
         f"uploaded {run_dir} to MLflow at {uri}: run {run_id}, {len(missing)} epoch(s) logged"
         + (f" ({len(rows) - len(missing)} were there already)" if len(rows) > len(missing) else "")

@@ -81,12 +81,12 @@ def test_mlflow_going_away_keeps_the_run_and_upload_fills_it_in(local_ray, digit
         "name=mlflow-down",
     )  # fmt: skip
     lines: list[str] = []
-    warning = r"MLflow at http://127.0.0.1:9 failed while logging metrics.*`ray-aekd upload .*mlflow-down` logs it"
-    with pytest.warns(RuntimeWarning, match=warning):
-        result = distill(config, log=lines.append)
+    result = distill(config, log=lines.append)
     run_dir = Path(result.run_dir)
     assert [r["epoch"] for r in epochs_of(run_dir)] == [1, 2, 3]  # training finished, all kept locally
-    assert any("`ray-aekd upload" in line for line in lines)  # the driver says how to finish the job
+    # the driver says what happened on rank 0, and how to finish the job
+    warning = [line for line in lines if "MLflow at http://127.0.0.1:9 failed while logging metrics" in line]
+    assert warning and f"`ray-aekd upload {run_dir}` logs it when the server is back" in warning[0]
     client = MlflowClient(uri)
     run_id = result.mlflow_run_id
     assert [m.step for m in client.get_metric_history(run_id, "val/acc1")] == [1]  # the server went away
@@ -108,6 +108,7 @@ def test_mlflow_going_away_keeps_the_run_and_upload_fills_it_in(local_ray, digit
                            text=True, timeout=300)  # fmt: skip
     assert "0 epoch(s) logged (3 were there already)" in again.stdout, again.stderr[-2000:]
     assert len(client.get_metric_history(run_id, "val/acc1")) == 3
+    assert not (run_dir / "mlflow_failed.txt").exists()  # uploaded: nothing left to say
 
 
 def test_non_finite_teacher_logits_stop_the_run_naming_the_teacher(local_ray, digits_teachers, tmp_path, capsys):
