@@ -425,14 +425,15 @@ class DistillConfig:
             self.distill.strategy,
             "average when there is a single teacher (weighting needs M >= 2)",
         )
-        low = 1 / max(num, 1)
-        _check(
-            low - 1e-9 <= self.distill.tolerance <= 1,
-            "distill.tolerance",
-            self.distill.tolerance,
-            f"a number in [1/M, 1] = [{low:.6g}, 1] for M = {num} teacher{'s' if num != 1 else ''}"
-            + ("" if self.distill.strategy == "aekd" else f" (only aekd reads it; {self.distill.strategy} does not)"),
-        )
+        if self.distill.strategy == "aekd" and num >= 2:
+            _check(
+                1 / num - 1e-9 <= self.distill.tolerance <= 1,
+                "distill.tolerance",
+                self.distill.tolerance,
+                f"a number in [1/M, 1] = [{1 / num:.6g}, 1] for M = {num} teachers",
+            )
+        else:  # average and mgda do not read it (C = 1/M and C = 1); still no nonsense
+            _check(0 < self.distill.tolerance <= 1, "distill.tolerance", self.distill.tolerance, "a number in (0, 1]")
         if self.cache.path is not None:
             _check(
                 self.data.views is not None or not self.data.augment,
@@ -456,6 +457,19 @@ class DistillConfig:
             "faults.kill_teacher",
             faults.kill_teacher,
             f"one of the teachers ({', '.join(names)}), or null",
+        )
+        _check(
+            faults.kill_teacher is None or self.cache.path is None,
+            "faults.kill_teacher",
+            faults.kill_teacher,
+            "null when cache.path is set (no teacher runs: the fault could never fire)",
+        )
+        down = faults.mlflow_down_epoch
+        _check(
+            down is None or down <= self.train.epochs,
+            "faults.mlflow_down_epoch",
+            down,
+            f"an epoch of the run (1 to train.epochs = {self.train.epochs}), or null",
         )
         workers = max(1, self.workers.num_workers)
         _check(

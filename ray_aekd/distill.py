@@ -50,17 +50,17 @@ from ray_aekd.provenance import environment, environment_tags
 from ray_aekd.session import Demand, check_shared, connect
 from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache
 from ray_aekd.tracking import (
+    RUN_ID_FILE,
     TRACKING_FAILED_FILE,
+    TRACKING_URI_FILE,
     experiment_id,
     limit_mlflow_retries,
     open_store,
     resolve_tracking_uri,
 )
-from ray_aekd.train import train_loop
+from ray_aekd.train import STOPPED_FILE, train_loop
 
 __all__ = ["DistillResult", "TrialHooks", "distill", "format_result"]
-
-RUN_ID_FILE = "mlflow_run_id"
 
 
 @dataclasses.dataclass
@@ -138,6 +138,7 @@ def _open_run(
 ) -> tuple[str, str | None]:
     """Create (or reopen, when resuming) the run's MLflow run; ``None`` if MLflow is unreachable."""
     uri = resolve_tracking_uri(config.tracking.uri)
+    (run_dir / TRACKING_URI_FILE).write_text(uri)  # where this run logs: `ray-aekd upload` goes there
     id_file = run_dir / RUN_ID_FILE
     resuming = resuming and id_file.exists()
     try:
@@ -211,6 +212,8 @@ def distill(
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:  # a fault fires once per run: markers of an earlier run of this name go
         shutil.rmtree(run_dir / "faults", ignore_errors=True)
+        (run_dir / TRACKING_FAILED_FILE).unlink(missing_ok=True)  # a new run: its MLflow failures only
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # a stop of an earlier attempt was fixed, or this is new
     saved = json.loads(json.dumps(flatten(config))) | {
         "__teachers__": [t.name for t in config.teachers],
         "__teacher_weights__": weights,
@@ -313,6 +316,9 @@ def distill(
     status = "FAILED"
     try:
         trainer.fit()
+        stopped = run_dir / STOPPED_FILE
+        if stopped.exists():  # a worker stopped on NaN/Inf, and the restarted group returned at once
+            raise FloatingPointError(stopped.read_text().strip())
         status = "FINISHED"
     except ray.train.WorkerGroupError as error:
         cause = _stop_reason(error)

@@ -26,8 +26,9 @@ FAULT_EXIT_CODE = 75
 
 @dataclasses.dataclass(frozen=True)
 class TeacherFault:
-    """Kill the process of the actor (or task worker) of ``teacher``'s stage that receives its
-    ``batch``-th batch, before running it: Ray restarts the actor and retries the batch."""
+    """Kill the process of the actor (or task worker) of ``teacher``'s stage that receives the
+    stage's ``batch``-th batch of the run (counted over its actors and passes, the validation
+    pass first), before running it: Ray restarts the actor and retries the batch."""
 
     teacher: str
     batch: int

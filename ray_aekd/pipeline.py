@@ -73,6 +73,7 @@ class ViewClock:
     def __init__(self) -> None:
         self._epoch = 0
         self._forwards: dict[str, int] = {}
+        self._batches: dict[str, int] = {}
 
     def set(self, epoch: int) -> int:
         self._epoch = epoch
@@ -86,6 +87,12 @@ class ViewClock:
 
     def forwards(self) -> dict[str, int]:
         return dict(self._forwards)
+
+    def next_batch(self, teacher: str) -> int:
+        """The number (from 1) of the batch a teacher stage is about to run, counted over the
+        whole run: all its actors or tasks, all passes (fault injection only)."""
+        self._batches[teacher] = self._batches.get(teacher, 0) + 1
+        return self._batches[teacher]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +133,6 @@ class TeacherStage:
         self.spec = spec
         self.counter = counter  # a ViewClock that counts the samples this teacher runs on
         self.fault = fault if fault is not None and fault.teacher == spec.name else None
-        self.batches = 0
         self.device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         model, meta = load_checkpoint(spec.checkpoint, map_location=self.device)
         self.model = model.to(self.device).eval()
@@ -135,9 +141,10 @@ class TeacherStage:
         self.mean, self.std = meta.mean, meta.std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.batches += 1
-        if self.fault and self.batches == self.fault.batch and fire_once(self.fault.marker_dir, "kill_teacher"):
-            die(f"killing the process of teacher {self.spec.name!r} (pid {os.getpid()}) at its batch {self.batches}")
+        if self.fault is not None and self.counter is not None:
+            number = ray.get(self.counter.next_batch.remote(self.spec.name))
+            if number >= self.fault.batch and fire_once(self.fault.marker_dir, "kill_teacher"):
+                die(f"killing the process of teacher {self.spec.name!r} (pid {os.getpid()}) at its batch {number}")
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)
         x = normalize(images, self.mean, self.std)
         with torch.inference_mode():

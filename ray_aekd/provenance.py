@@ -36,7 +36,10 @@ def environment() -> dict[str, str | None]:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = None
-    commit = _git("rev-parse", "HEAD")
+    # the commit of the ray_aekd checkout itself, not of a repository that happens to hold an install
+    top = _git("rev-parse", "--show-toplevel")
+    is_checkout = top is not None and (Path(top) / "ray_aekd").resolve() == Path(__file__).resolve().parent
+    commit = _git("rev-parse", "HEAD") if is_checkout else None
     out["git_commit"] = commit
     # tracked files changed since that commit (a run from an edited checkout is not that commit)
     changed = _git("status", "--porcelain", "--untracked-files=no") if commit else None

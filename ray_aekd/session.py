@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-__all__ = ["Demand", "check_shared", "connect", "label_matches"]
+__all__ = ["Demand", "check_demands", "check_shared", "connect", "label_matches"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,16 @@ def check_demands(demands: Sequence[Demand], nodes: Sequence[Mapping[str, Any]])
                 + (f": {demand.gpu_key} is {demand.gpu_value}" if demand.gpu_key else "")
                 + "), or add such a node; Ray would wait for one forever."
             )
+    for demand in (d for d in demands if d.held):  # all of them at once, on the nodes with their labels
+        labelled = [n for n in nodes if label_matches(demand.label_selector, n.get("Labels", {}))]
+        room = sum(_units(demand, node) for node in labelled)
+        if room < demand.count:
+            where = f"on nodes labelled {_describe(demand.label_selector)}" if demand.label_selector else "in it"
+            raise ValueError(
+                f"{demand.key}: the run holds {demand.count} {demand.what}s of {_describe(demand.resources)} at once, "
+                f"but this Ray cluster has room for {room} {where}; lower their number or what each asks for, "
+                "or add nodes; Ray would wait for them forever."
+            )
     totals: dict[str, float] = {}
     for node in nodes:
         for name, amount in node.get("Resources", {}).items():
@@ -136,6 +146,15 @@ def label_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> boo
         if (labels.get(key) in allowed) == negate:
             return False
     return True
+
+
+def _units(demand: Demand, node: Mapping[str, Any]) -> int:
+    """How many of ``demand``'s actors or workers ``node`` could hold on its own."""
+    offered = node.get("Resources", {})
+    asked = [(name, amount) for name, amount in demand.resources.items() if amount > 0]
+    if not asked:
+        return demand.count
+    return min(int(offered.get(name, 0.0) / amount + 1e-9) for name, amount in asked)
 
 
 def _fits(demand: Demand, node: Mapping[str, Any]) -> bool:

@@ -213,7 +213,12 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(config.tracking.uri)
     open_store(uri)  # a SQLite store's file must exist to be checked
-    check_shared(shared_paths(config, sweep_dir / "sweep.json", uri), uri)  # trials run on any node
+    tune_storage = _tune_storage(sweep, sweep_dir)
+    shared = shared_paths(config, sweep_dir / "sweep.json", uri)
+    if "://" not in tune_storage:
+        Path(tune_storage).mkdir(parents=True, exist_ok=True)
+        shared["storage_path (the sweep's, for Tune)"] = tune_storage
+    check_shared(shared, uri)  # trials run on any node
     # the trials log where the driver does, whatever their processes' environment says
     base["tracking"] = dict(base.get("tracking") or {}, uri=uri)
     parent_id = _open_parent(sweep, config, uri, log)
@@ -263,7 +268,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=_tune_storage(sweep, sweep_dir),
+            storage_path=tune_storage,
             callbacks=[_Progress(sweep, epochs)],
             verbose=0,
         ),

@@ -22,7 +22,9 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "MLFLOW_URI_SCHEMES",
     "RunLogger",
+    "RUN_ID_FILE",
     "TRACKING_FAILED_FILE",
+    "TRACKING_URI_FILE",
     "log_student_model",
     "open_store",
     "experiment_id",
@@ -47,6 +49,9 @@ def resolve_tracking_uri(config_uri: str | None = None) -> str:
 
 #: In a run folder: the tracking server failed during the run (what failed, and how to upload).
 TRACKING_FAILED_FILE = "mlflow_failed.txt"
+#: In a run folder: the MLflow run id, and the tracking URI the run logs to.
+RUN_ID_FILE = "mlflow_run_id"
+TRACKING_URI_FILE = "mlflow_tracking_uri"
 
 
 def open_store(uri: str) -> None:
@@ -102,7 +107,8 @@ class RunLogger:
             later = f"`ray-aekd upload {self.run_dir}`" if self.run_dir else "`ray-aekd upload <run folder>`"
             message = (
                 f"MLflow at {self.uri} failed while logging {what} ({type(error).__name__}: {error}); "
-                "training goes on and MLflow logging is off for this run; everything stays in the run folder, "
+                "training goes on and MLflow logging is off until the run ends or its workers restart; everything "
+                "stays in the run folder, "
                 f"and {later} logs it when the server is back."
             )
             warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -110,6 +116,16 @@ class RunLogger:
                 with contextlib.suppress(OSError):
                     (Path(self.run_dir) / TRACKING_FAILED_FILE).write_text(message + "\n")
             self._enabled = False
+
+    def logged_steps(self, metric: str) -> set[int]:
+        """The steps ``metric`` has in the run already (empty when MLflow is off or fails)."""
+        steps: set[int] = set()
+
+        def read() -> None:
+            steps.update(m.step for m in self._client.get_metric_history(self.run_id, metric))  # type: ignore[union-attr]
+
+        self._call(f"the history of {metric}", read)
+        return steps
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = int(time.time() * 1000)

@@ -43,10 +43,13 @@ from ray_aekd.plots import plot_cosine_matrix, plot_weights
 from ray_aekd.tracking import RunLogger, limit_mlflow_retries
 from ray_aekd.weighting import NonFiniteLogitsError
 
-__all__ = ["STATE_FILE", "train_loop"]
+__all__ = ["STATE_FILE", "STOPPED_FILE", "train_loop"]
 
 STATE_FILE = "state.pt"
 DONE_FILE = "finished"
+#: In a run folder: why the run stopped (non-finite logits); every worker that starts after it exists returns
+#: at once, so a worker-group restart does not train on into the same NaN, and the driver raises its text.
+STOPPED_FILE = "stopped.txt"
 
 
 def _world() -> tuple[int, int]:
@@ -114,6 +117,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config = from_dict(DistillConfig, loop_config["config"])
     info = loop_config["info"]
     run_dir = Path(loop_config["run_dir"])
+    if (run_dir / STOPPED_FILE).exists():  # restarted after a stop: nothing to train (see STOPPED_FILE)
+        return
     clock = loop_config["clock"]
     names = [t.name for t in config.teachers]
     num_teachers = len(names)
@@ -158,6 +163,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         _truncate_csv(alpha_path, start_epoch)
         if rank == 0:
             _truncate_jsonl(metrics_path, start_epoch)
+    # epochs MLflow has already: after a worker-group restart, the epochs since the last checkpoint
+    # Train had recorded (possibly all of them: it records a reported checkpoint asynchronously) are
+    # trained again, and must not be logged twice; MLflow keeps the first attempt's values
+    logged = logger.logged_steps("val/acc1") if rank == 0 else set()
     if not alpha_path.exists():
         alpha_path.write_text(",".join(["step", "epoch", *names]) + "\n")
 
@@ -212,10 +221,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 out = distill_step(model, images, labels, teacher_logits, optimizer, settings, reduce, step, features)
             except NonFiniteLogitsError as error:
                 who = f"teacher {names[error.teachers[0]]!r}" if error.teachers else "the student"
-                raise FloatingPointError(
+                message = (
                     f"{who} produced non-finite logits (NaN or Inf) at step {step} (epoch {epoch + 1}); stopping. "
                     + ("Check that teacher's checkpoint and inputs." if error.teachers else "Lower train.lr.")
-                ) from None
+                )
+                (run_dir / STOPPED_FILE).write_text(message + "\n")
+                raise FloatingPointError(message) from None
             count = labels.shape[0]
             sums += torch.stack([torch.tensor(count, device=device), out["loss"] * count, out["ce"] * count,
                                  out["kd"] * count]).double()  # fmt: skip
@@ -266,6 +277,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics |= {f"weights/{name}": float(alpha[:, m].mean()) for m, name in enumerate(names)}
         metrics |= {
             "train/samples": samples,  # what the workers trained on (full batches only)
+            "train/distinct_samples": float((tally > 0).sum()),  # = train/samples when none came twice
             "train/repeated_samples": float((tally > 1).sum()),  # samples that came twice or more this epoch
             "lr": lr,
             "train/samples_per_second": samples / train_seconds,
@@ -300,7 +312,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if loop_config.get("progress", True):
                     _say(_progress_line(config, epoch, metrics))
             ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
-        if rank == 0:  # after the checkpoint is committed, so a retried epoch is not logged twice
+        if rank == 0 and epoch + 1 not in logged:  # after the checkpoint is committed
             logger.log_metrics(metrics, step=epoch + 1)
 
     if rank == 0 and not (run_dir / DONE_FILE).exists():

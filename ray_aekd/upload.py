@@ -22,17 +22,24 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.models.checkpoint import load_checkpoint
-from ray_aekd.tracking import TRACKING_FAILED_FILE, experiment_id, log_student_model, resolve_tracking_uri
+from ray_aekd.tracking import (
+    RUN_ID_FILE,
+    TRACKING_FAILED_FILE,
+    TRACKING_URI_FILE,
+    experiment_id,
+    log_student_model,
+    resolve_tracking_uri,
+)
 
 __all__ = ["upload"]
 
-RUN_ID_FILE = "mlflow_run_id"
 _NOT_METRICS = ("epoch", "step")
 
 
 def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[str], None] = print) -> str:
-    """Log the run folder ``run_dir`` to MLflow (``tracking_uri``, else ``MLFLOW_TRACKING_URI``,
-    else the run's ``tracking.uri``, else ``sqlite:///mlflow.db``); returns the MLflow run id."""
+    """Log the run folder ``run_dir`` to MLflow (``tracking_uri``, else the store the run logged
+    to, from ``mlflow_tracking_uri`` in the folder, else ``MLFLOW_TRACKING_URI``, else the run's
+    ``tracking.uri``, else ``sqlite:///mlflow.db``); returns the MLflow run id."""
     run_dir = Path(run_dir).resolve()
     config_file, metrics_file = run_dir / "config.json", run_dir / "metrics.jsonl"
     if not config_file.is_file() or not metrics_file.is_file():
@@ -40,7 +47,10 @@ def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[
             f"run_dir: got {str(run_dir)!r}; allowed: a ray_aekd run folder (with config.json and metrics.jsonl)."
         )
     saved = json.loads(config_file.read_text())
-    uri = tracking_uri or resolve_tracking_uri(saved.get("tracking.uri"))
+    used = run_dir / TRACKING_URI_FILE
+    if tracking_uri is None:
+        tracking_uri = used.read_text().strip() if used.is_file() else resolve_tracking_uri(saved.get("tracking.uri"))
+    uri = tracking_uri
     try:
         return _upload(run_dir, saved, uri, log)
     except (MlflowException, OSError) as error:  # refused, unreachable (connection, DNS)
@@ -48,6 +58,13 @@ def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[
             f"tracking.uri: the upload to MLflow at {uri} failed ({type(error).__name__}: {error}); run it again when "
             "the server answers (it logs only what the run lacks)."
         ) from None
+
+
+def _environment_tags(run_dir: Path) -> dict[str, str]:
+    """The tags a distillation sets from ``environment.json`` (what the run was made with)."""
+    path = run_dir / "environment.json"
+    env = json.loads(path.read_text()) if path.is_file() else {}
+    return {("ray_aekd.version" if k == "ray_aekd" else f"ray_aekd.{k}"): str(v) for k, v in env.items() if v}
 
 
 def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str], None]) -> str:
@@ -68,7 +85,8 @@ def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str],
                 "ray_aekd.strategy": str(saved.get("distill.strategy")),
                 "ray_aekd.run_dir": str(run_dir),
                 "ray_aekd.uploaded": "true",
-            },
+            }
+            | _environment_tags(run_dir),
         )
         run_id = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in saved.items() if not k.startswith("__")]

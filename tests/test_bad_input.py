@@ -281,9 +281,7 @@ def gpu_run(inputs, tmp_path_factory) -> subprocess.CompletedProcess:
     """``ray-aekd distill`` asking one GPU for teacher a, on this GPU-less machine, with no cluster
     in RAY_ADDRESS: refused before a local Ray starts. In a subprocess with a timeout (a hang fails
     the test). With Ray running, tests/test_placement.py checks the same request against its nodes."""
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    sets = [_fill(_teachers(), inputs), "teachers.0.num_gpus=1"]
+    sets = [_fill(_teachers(), inputs), f"teachers.0.num_gpus={torch.cuda.device_count() + 1}"]
     tmp_path = tmp_path_factory.mktemp("gpu")
     return _cli(tmp_path, "distill", "--config", SMOKE, *[a for s in sets for a in ("--set", s)], timeout=180)
 
@@ -291,9 +289,10 @@ def gpu_run(inputs, tmp_path_factory) -> subprocess.CompletedProcess:
 def test_more_gpus_than_the_cluster_has_is_an_error_not_a_hang(gpu_run):
     assert gpu_run.returncode == 2 and "Traceback" not in gpu_run.stderr, gpu_run.stderr
     error = [line for line in gpu_run.stderr.splitlines() if "error:" in line]
+    have = torch.cuda.device_count()
     assert error == [
-        "ray-aekd distill: error: teachers.0.num_gpus: got 1; allowed: GPUs this machine has (0; the run would need "
-        "1), since no RAY_ADDRESS names a cluster: set it to 0 (teachers' num_gpus) or false (workers.use_gpu) to "
-        "run on CPU, or submit the run to a cluster with GPUs."
+        f"ray-aekd distill: error: teachers.0.num_gpus: got {have + 1}; allowed: GPUs this machine has ({have}; the "
+        f"run would need {have + 1}), since no RAY_ADDRESS names a cluster: set it to 0 (teachers' num_gpus) or "
+        "false (workers.use_gpu) to run on CPU, or submit the run to a cluster with GPUs."
     ]
     assert "Started a local Ray instance" not in gpu_run.stderr + gpu_run.stdout  # refused before Ray started

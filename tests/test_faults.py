@@ -50,14 +50,15 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint(local_ray, digits_te
     # the per-step weights of the restarted epoch replaced the lost ones: 33 steps, no gaps
     steps = [int(line.split(",")[0]) for line in (run_dir / "alpha" / "rank0.csv").read_text().splitlines()[1:]]
     assert steps == list(range(33))
-    assert all(r["train/repeated_samples"] == 0 and r["train/samples"] == 1408 for r in rows)
+    assert all(r["train/samples"] == r["train/distinct_samples"] == 1408 for r in rows)
+    assert all(r["train/repeated_samples"] == 0 for r in rows)
     assert (run_dir / "student" / "weights.pt").exists()
 
 
 def test_a_killed_teacher_actor_is_restarted_and_no_sample_is_lost(local_ray, digits_teachers, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # cnn_a runs as an actor pool; its actor dies when it receives its 3rd batch of the training
-    # pass (the validation pass has 2 batches of 256 per pool), before running it
+    # cnn_a runs as an actor pool; the actor that receives the stage's 3rd batch of the run dies
+    # before running it: the validation pass has 2 batches of 256, so it is the training pass's first
     config = smoke(
         digits_teachers, tmp_path, "teachers.0.stage=actors", "faults.kill_teacher=cnn_a",
         "faults.kill_teacher_batch=3", "train.epochs=2", "workers.num_workers=0", "name=teacher-kill",
@@ -70,7 +71,8 @@ def test_a_killed_teacher_actor_is_restarted_and_no_sample_is_lost(local_ray, di
     assert result.teacher_forward_passes == {n: 2 * TRAIN + VAL for n in ("cnn_a", "cnn_b", "mlp_c")}
     rows = epochs_of(run_dir)
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(r["train/repeated_samples"] == 0 and r["train/samples"] == 1408 for r in rows)
+    assert all(r["train/samples"] == r["train/distinct_samples"] == 1408 for r in rows)
+    assert all(r["train/repeated_samples"] == 0 for r in rows)
 
 
 def test_mlflow_going_away_keeps_the_run_and_upload_fills_it_in(local_ray, digits_teachers, tmp_path, monkeypatch):
@@ -114,7 +116,8 @@ def test_mlflow_going_away_keeps_the_run_and_upload_fills_it_in(local_ray, digit
 def test_non_finite_teacher_logits_stop_the_run_naming_the_teacher(local_ray, digits_teachers, tmp_path, capsys):
     """A teacher whose weights overflow to Inf on real images: finite weights, so no check of the
     checkpoint catches it; the first step does, on the Train worker, and the command says which
-    teacher and which step in one line (exit status 1)."""
+    teacher and which step in one line (exit status 1). With a restart allowed, the restarted
+    worker group does not train on into the same NaN: it returns at once and the run stops."""
     from ray_aekd.cli import main
     from ray_aekd.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -125,6 +128,7 @@ def test_non_finite_teacher_logits_stop_the_run_naming_the_teacher(local_ray, di
     save_checkpoint(str(tmp_path / "overflow"), model, meta)
     overrides = [*teacher_overrides(digits_teachers), f"teachers.2.checkpoint={tmp_path / 'overflow'}",
                  f"output_dir={tmp_path / 'out'}", "workers.num_workers=1", "train.batch_size=64", "name=nan",
+                 "workers.max_failures=1",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
     code = main(["distill", "--config", str(SMOKE), *[f"--set={item}" for item in overrides]])
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -146,6 +150,11 @@ def test_faults_from_the_environment_are_checked_like_config_keys(digits_teacher
         ("{kill_wroker_rank: 1}", r"RAY_AEKD_FAULTS: faults: unknown key\(s\) kill_wroker_rank"),
         ("[1, 2]", r"RAY_AEKD_FAULTS: got '\[1, 2\]'; allowed: a YAML mapping"),
         ("{mlflow_down_epoch: 0}", r"faults.mlflow_down_epoch: got 0; allowed: an integer >= 1"),
+        ("{mlflow_down_epoch: 2}", r"faults.mlflow_down_epoch: got 2; allowed: an epoch of the run \(1 to train"),
     ]:
         with pytest.raises(ConfigError, match=message):
             with_env_faults(config, {"RAY_AEKD_FAULTS": raw})
+    # a teacher fault in a run that reads the soft-label cache could never fire
+    cached = smoke(digits_teachers, tmp_path, "cache.path=/tmp/cache", "data.views=2")
+    with pytest.raises(ConfigError, match=r"faults.kill_teacher: got 'cnn_a'; allowed: null when cache.path is set"):
+        with_env_faults(cached, {"RAY_AEKD_FAULTS": "{kill_teacher: cnn_a}"})

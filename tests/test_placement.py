@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import teacher_overrides
 
 from ray_aekd.config import ConfigError, DistillConfig, load_config
@@ -58,8 +59,9 @@ def test_a_placement_no_node_can_meet_is_refused_before_scheduling(local_ray, di
     custom = load_config(DistillConfig, SMOKE, [*base, "teachers.1.resources={teacher_gpu: 1}"])
     with pytest.raises(ValueError, match=r"teachers.1: a teacher 'cnn_b' task needs \{CPU: 1, teacher_gpu: 1\}"):
         distill(custom, log=lambda line: None)
-    gpus = load_config(DistillConfig, SMOKE, [*base, "teachers.0.num_gpus=1"])
-    message = r"teachers.0: a teacher 'cnn_a' actor needs \{CPU: 1, GPU: 1\}.*teachers.0.num_gpus is 1"
+    more = torch.cuda.device_count() + 1  # more GPUs than any node of the local Ray has
+    gpus = load_config(DistillConfig, SMOKE, [*base, f"teachers.0.num_gpus={more}"])
+    message = rf"teachers.0: a teacher 'cnn_a' actor needs \{{CPU: 1, GPU: {more}\}}.*teachers.0.num_gpus is {more}"
     with pytest.raises(ValueError, match=message):
         distill(gpus, log=lambda line: None)
     assert not (tmp_path / "out").exists()  # refused before the run folder was made
@@ -67,7 +69,7 @@ def test_a_placement_no_node_can_meet_is_refused_before_scheduling(local_ray, di
 
 NODES = [
     {"NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 8.0}, "Labels": {}},
-    {"NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0, "GPU": 1.0, "teacher_gpu": 2.0},
+    {"NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0, "GPU": 2.0, "teacher_gpu": 2.0},
      "Labels": {"ray-aekd/role": "teacher", "zone": "a"}},
     {"NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 16.0, "GPU": 4.0},
      "Labels": {"ray-aekd/role": "student", "zone": "b"}},
@@ -87,17 +89,24 @@ def test_demands_must_fit_on_one_node_and_in_the_cluster():
     teacher = Demand("teachers.0", "teacher 'a' actor", {"CPU": 2, "GPU": 1, "teacher_gpu": 1},
                      {"ray-aekd/role": "teacher"}, count=2)  # fmt: skip
     workers = Demand("workers", "train worker", {"CPU": 4, "GPU": 1}, {"ray-aekd/role": "student"}, count=4)
-    check_demands([teacher, workers], NODES)  # fits: two teacher_gpu on 10.0.0.2, four GPUs on 10.0.0.3
+    check_demands([teacher, workers], NODES)  # fits: two teachers on 10.0.0.2, four workers on 10.0.0.3
     # a single worker asking for more than any student node has: named, with what the nodes offer
     big = Demand("workers", "train worker", {"CPU": 32}, {"ray-aekd/role": "student"})
     with pytest.raises(ValueError, match=r"workers: a train worker needs \{CPU: 32\}.*10.0.0.3 \{CPU: 16, GPU: 4\}"):
         check_demands([big], NODES)
-    # each fits on a node, but the cluster has two teacher_gpu and the pools hold three at once
+    # each fits on a node, but the pools hold three teacher_gpu at once and the cluster has two
     three = Demand("teachers.0", "teacher 'a' actor", {"CPU": 1, "teacher_gpu": 1}, count=3)
-    with pytest.raises(
-        ValueError, match=r"teachers.0: the run holds 3 'teacher_gpu' at once, but this Ray cluster has 2"
-    ):
+    message = r"teachers.0: the run holds 3 teacher 'a' actors of \{CPU: 1, teacher_gpu: 1\} at once, but this Ray "
+    with pytest.raises(ValueError, match=message + r"cluster has room for 2 in it"):
         check_demands([three], NODES)
+    # six GPU workers on the student nodes: the cluster has 7 GPUs, but the student node 4
+    six = Demand("workers", "train worker", {"CPU": 1, "GPU": 1}, {"ray-aekd/role": "student"}, count=6)
+    with pytest.raises(ValueError, match=r"room for 4 on nodes labelled \{ray-aekd/role: student\}"):
+        check_demands([six], NODES)
+    # two pools that fit one by one but not together: the cluster-wide custom resource total says so
+    pools = [Demand(f"teachers.{i}", "teacher actor", {"CPU": 1, "teacher_gpu": 1}, count=2) for i in range(2)]
+    with pytest.raises(ValueError, match=r"teachers.0, teachers.1: the run holds 4 'teacher_gpu' at once"):
+        check_demands(pools, NODES)
     # tasks hold theirs only while they run: two teacher tasks of one teacher_gpu each fit
     tasks = [Demand(f"teachers.{i}", "task", {"CPU": 1, "teacher_gpu": 2}, held=False) for i in range(2)]
     check_demands(tasks, NODES)
