@@ -152,6 +152,13 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
             f"train.batch_size: got {batch}; allowed: at most {num_train // workers * workers} "
             f"(the training split has {num_train} samples for {workers} worker(s))."
         )
+    steps = config.train.epochs * ((num_train // workers) // (batch // workers))  # full batches per worker
+    kill_step = config.faults.kill_worker_step
+    if config.faults.kill_worker_rank is not None and kill_step >= steps:
+        raise ValueError(
+            f"faults.kill_worker_step: got {kill_step}; allowed: a step of the run, 0 to {steps - 1} "
+            f"({config.train.epochs} epoch(s) of {steps // config.train.epochs} steps): the fault could never fire."
+        )
     return info
 
 

@@ -158,3 +158,16 @@ def test_faults_from_the_environment_are_checked_like_config_keys(digits_teacher
     cached = smoke(digits_teachers, tmp_path, "cache.path=/tmp/cache", "data.views=2")
     with pytest.raises(ConfigError, match=r"faults.kill_teacher: got 'cnn_a'; allowed: null when cache.path is set"):
         with_env_faults(cached, {"RAY_AEKD_FAULTS": "{kill_teacher: cnn_a}"})
+
+
+def test_a_worker_fault_past_the_last_step_is_refused_before_ray(digits_teachers, tmp_path, capsys):
+    from ray_aekd.cli import main
+
+    overrides = [*teacher_overrides(digits_teachers), f"output_dir={tmp_path / 'out'}",
+                 "faults={kill_worker_rank: 0, kill_worker_step: 11}"]  # fmt: skip
+    assert main(["distill", "--config", str(SMOKE), *[f"--set={item}" for item in overrides]]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ray-aekd distill: error: faults.kill_worker_step: got 11; allowed: a step of the run, 0 to 10 "
+        "(1 epoch(s) of 11 steps): the fault could never fire."
+    )
+    assert not (tmp_path / "out").exists()
