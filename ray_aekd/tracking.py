@@ -157,20 +157,35 @@ class RunLogger:
 def log_student_model(
     uri: str, run_id: str, model: Any, name: str, input_example: Any, registered_model_name: str | None = None
 ) -> None:
-    """Log ``model`` to run ``run_id`` as an MLflow PyTorch model; raises what MLflow raises."""
+    """Log ``model`` to run ``run_id`` as an MLflow PyTorch model; raises what MLflow raises.
+
+    MLflow's model logging is fluent: it reads a process-wide tracking URI, which
+    ``mlflow.set_tracking_uri`` also copies into ``MLFLOW_TRACKING_URI``. Both are put back
+    afterwards, so that a caller's process (the driver, in local mode) keeps its own settings.
+    """
     import mlflow
     import mlflow.pytorch
     import torch
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
-            model,
-            name=name,
-            registered_model_name=registered_model_name,
-            input_example=input_example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+    saved_uri = getattr(tracking_utils, "_tracking_uri", None)
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                registered_model_name=registered_model_name,
+                input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+    finally:
+        tracking_utils._tracking_uri = saved_uri
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def limit_mlflow_retries() -> None:
