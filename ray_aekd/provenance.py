@@ -7,8 +7,10 @@ from __future__ import annotations
 import functools
 import platform
 import subprocess
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from ray_aekd import __version__
 
@@ -48,7 +50,9 @@ def environment() -> dict[str, str | None]:
     return out
 
 
-def environment_tags() -> dict[str, str]:
-    """The environment as MLflow tags ``ray_aekd.<key>`` (``ray_aekd.version`` for the package)."""
-    env = environment()
-    return {("ray_aekd.version" if k == "ray_aekd" else f"ray_aekd.{k}"): v for k, v in env.items() if v is not None}
+def environment_tags(env: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's ``environment()``; or one read back from a run's
+    ``environment.json``) as MLflow tags ``ray_aekd.<key>`` (``ray_aekd.version`` for the package)."""
+    env = environment() if env is None else env
+    tags = {("ray_aekd.version" if k == "ray_aekd" else f"ray_aekd.{k}"): v for k, v in env.items()}
+    return {k: str(v) for k, v in tags.items() if v is not None}

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.models.checkpoint import load_checkpoint
+from ray_aekd.provenance import environment_tags
 from ray_aekd.tracking import (
     RUN_ID_FILE,
     TRACKING_FAILED_FILE,
@@ -60,11 +61,8 @@ def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[
         ) from None
 
 
-def _environment_tags(run_dir: Path) -> dict[str, str]:
-    """The tags a distillation sets from ``environment.json`` (what the run was made with)."""
-    path = run_dir / "environment.json"
-    env = json.loads(path.read_text()) if path.is_file() else {}
-    return {("ray_aekd.version" if k == "ray_aekd" else f"ray_aekd.{k}"): str(v) for k, v in env.items() if v}
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str], None]) -> str:
@@ -86,7 +84,7 @@ def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str],
                 "ray_aekd.run_dir": str(run_dir),
                 "ray_aekd.uploaded": "true",
             }
-            | _environment_tags(run_dir),
+            | environment_tags(_read_json(run_dir / "environment.json")),
         )
         run_id = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in saved.items() if not k.startswith("__")]
