@@ -114,6 +114,17 @@ def test_unreachable_mlflow_does_not_stop_training(local_ray, digits_teachers, t
     assert saved[-1]["epoch"] == 1 and saved[-1]["val/acc1"] == result.metrics["val/acc1"]
     assert (Path(result.run_dir) / "student" / "weights.pt").exists()
 
+    # the server never saw the run: `ray-aekd upload` to a reachable store creates it there
+    from ray_aekd.upload import upload
+
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    run_id = upload(result.run_dir, tracking_uri=uri, log=lines.append)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.run_name == "offline" and run.info.status == "FINISHED"
+    assert run.data.metrics["val/acc1"] == result.metrics["val/acc1"]
+    assert run.data.tags["ray_aekd.uploaded"] == "true" and run.data.tags["ray_aekd.torch"]
+    assert (Path(result.run_dir) / "mlflow_run_id").read_text() == run_id
+
 
 def test_quickstart_smoke(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
