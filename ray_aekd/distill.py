@@ -314,17 +314,16 @@ def distill(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     status = "FAILED"
+    stopped = run_dir / STOPPED_FILE  # a worker stopped on NaN/Inf: why, in one line (see train.STOPPED_FILE)
     try:
-        trainer.fit()
-        stopped = run_dir / STOPPED_FILE
-        if stopped.exists():  # a worker stopped on NaN/Inf, and the restarted group returned at once
+        trainer.fit()  # returns when the group restarted after a stop: its workers return at once
+        if stopped.exists():
             raise FloatingPointError(stopped.read_text().strip())
         status = "FINISHED"
     except ray.train.WorkerGroupError as error:
-        cause = _stop_reason(error)
-        if cause is None:
+        if not stopped.exists():
             raise
-        raise FloatingPointError(str(cause)) from error  # the one line that says why, not a worker traceback
+        raise FloatingPointError(stopped.read_text().strip()) from error  # not a worker's traceback
     finally:
         forwards = ray.get(clock.forwards.remote())
         ray.kill(clock)
@@ -374,17 +373,6 @@ def _resources(config: DistillConfig) -> tuple[float, float, str]:
     workers = max(1, config.workers.num_workers)
     stages = "the soft-label cache" if config.cache.path is not None else f"{len(config.teachers)} teacher stage(s)"
     return cpus, gpus, f"{stages} and {workers} train worker(s)"
-
-
-def _stop_reason(error: ray.train.WorkerGroupError) -> FloatingPointError | None:
-    """The first worker's own ``FloatingPointError`` (non-finite logits or loss), if that is why it failed."""
-    for _, failure in sorted(error.worker_failures.items()):
-        seen = failure
-        while seen is not None:
-            if isinstance(seen, FloatingPointError):
-                return seen
-            seen = getattr(seen, "cause", None) or seen.__cause__
-    return None
 
 
 def _describe_faults(faults: FaultsConfig) -> str:

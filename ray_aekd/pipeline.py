@@ -132,7 +132,7 @@ class TeacherStage:
     def __init__(self, spec: TeacherStageSpec, counter: Any = None, fault: TeacherFault | None = None) -> None:
         self.spec = spec
         self.counter = counter  # a ViewClock that counts the samples this teacher runs on
-        self.fault = fault if fault is not None and fault.teacher == spec.name else None
+        self.fault = fault
         self.device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         model, meta = load_checkpoint(spec.checkpoint, map_location=self.device)
         self.model = model.to(self.device).eval()
@@ -141,7 +141,7 @@ class TeacherStage:
         self.mean, self.std = meta.mean, meta.std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.fault is not None and self.counter is not None:
+        if self.fault is not None and self.fault.teacher == self.spec.name and self.counter is not None:
             number = ray.get(self.counter.next_batch.remote(self.spec.name))
             if number >= self.fault.batch and fire_once(self.fault.marker_dir, "kill_teacher"):
                 die(f"killing the process of teacher {self.spec.name!r} (pid {os.getpid()}) at its batch {number}")
@@ -174,7 +174,7 @@ def _teacher_task(
             _CACHED_TEACHERS.pop(next(iter(_CACHED_TEACHERS)))
         stage = _CACHED_TEACHERS[spec] = TeacherStage(spec)
     stage.counter = counter
-    stage.fault = fault if fault is not None and fault.teacher == spec.name else None
+    stage.fault = fault
     return stage(batch)
 
 
