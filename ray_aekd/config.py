@@ -17,9 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from ray_aekd.data.sources import SOURCES
+from ray_aekd.data.views import split_indices
 from ray_aekd.models.registry import model_spec
 from ray_aekd.weighting import STRATEGIES
 
@@ -98,10 +100,20 @@ class DataConfig:
     val_fraction: float = 0.2
     image_size: int | None = None  # image folders only: resize to this square size
     augment: bool = True  # random crop (pad 4, or 1 for 8x8 digits) and horizontal flip
+    split_seed: int | None = None  # seed of the train/val split; null: the run's seed
+    tuning_fraction: float = 0.0  # > 0: validate on this share of the training split; the val split is never read
 
     def validate(self, prefix: str) -> None:
         _check(self.dataset in SOURCES, f"{prefix}.dataset", self.dataset, ", ".join(SOURCES))
         _check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "a number in (0, 1)")
+        seed = self.split_seed
+        _check(seed is None or seed >= 0, f"{prefix}.split_seed", seed, "an integer >= 0, or null (the run's seed)")
+        _check(
+            0 <= self.tuning_fraction < 1,
+            f"{prefix}.tuning_fraction",
+            self.tuning_fraction,
+            "a number in [0, 1): 0 validates on the val split, more carves a tuning split out of the training split",
+        )
         _check(
             self.dataset == "digits" or bool(self.path),
             f"{prefix}.path",
@@ -116,6 +128,13 @@ class DataConfig:
                 self.image_size,
                 "null unless dataset is imagefolder (other datasets have a fixed size)",
             )
+
+    def split(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(train [N_t], validation [N_v])`` indices of a source of ``num`` samples for a run with
+        seed ``seed``: the val split (by ``split_seed``, else ``seed``), or with ``tuning_fraction``
+        a tuning split out of the training split, the val split left out of both."""
+        split_seed = seed if self.split_seed is None else self.split_seed
+        return split_indices(num, self.val_fraction, split_seed, self.tuning_fraction)
 
 
 @dataclasses.dataclass(frozen=True)

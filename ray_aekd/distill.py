@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from ray_aekd.config import DistillConfig, FaultsConfig, flatten, with_env_faults
-from ray_aekd.data import open_source, split_indices
+from ray_aekd.data import open_source
 from ray_aekd.faults import UNREACHABLE_TRACKING_URI, TeacherFault
 from ray_aekd.pipeline import ViewClock, distill_dataset
 from ray_aekd.prepare import (
@@ -196,7 +196,7 @@ def distill(
     source = open_source(
         config.data.dataset, config.data.path, download=config.data.download, size=config.data.image_size
     )
-    train_idx, val_idx = split_indices(len(source), config.data.val_fraction, config.seed)
+    train_idx, val_idx = config.data.split(len(source), config.seed)
     info = check_run(config, source, len(train_idx))
     stages = stage_specs(config)
     weights = [s.weights_sha256 for s in stages]

@@ -39,7 +39,7 @@ import torch
 
 from ray_aekd import __version__
 from ray_aekd.config import DistillConfig
-from ray_aekd.data import open_source, split_indices
+from ray_aekd.data import open_source
 from ray_aekd.data.ray_dataset import to_ray_dataset
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.pipeline import (
@@ -194,7 +194,7 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     source = open_source(
         config.data.dataset, config.data.path, download=config.data.download, size=config.data.image_size
     )
-    train_idx, val_idx = split_indices(len(source), config.data.val_fraction, config.seed)
+    train_idx, val_idx = config.data.split(len(source), config.seed)
     check_run(config, source, len(train_idx))
     stages = stage_specs(config)
     identity = cache_identity(config, source, train_idx, val_idx, stages)

@@ -35,7 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
 from ray_aekd.config import DistillConfig, apply_preset, flatten, from_dict
-from ray_aekd.data import open_source, split_indices
+from ray_aekd.data import open_source
 from ray_aekd.distill import TrialHooks, _demands, _resources, distill
 from ray_aekd.prepare import check_run, resolve_paths, shared_paths
 from ray_aekd.provenance import environment_tags
@@ -331,7 +331,7 @@ def _check_base(config: DistillConfig, sweep_dir: Path) -> None:
     source = open_source(
         resolved.data.dataset, resolved.data.path, download=resolved.data.download, size=resolved.data.image_size
     )
-    train_idx, _ = split_indices(len(source), resolved.data.val_fraction, resolved.seed)
+    train_idx, _ = resolved.data.split(len(source), resolved.seed)
     check_run(resolved, source, len(train_idx))
 
 

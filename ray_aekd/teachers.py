@@ -23,7 +23,7 @@ import torch
 from ray import tune
 
 from ray_aekd.config import TeachersConfig, TeacherSpec, flatten, from_dict
-from ray_aekd.data import augment, normalize, open_source, split_indices
+from ray_aekd.data import augment, normalize, open_source
 from ray_aekd.data.labels import corrupt_labels
 from ray_aekd.data.sources import ImageSource, TensorSource
 from ray_aekd.engine import classification_epoch, evaluate, make_optimizer
@@ -52,7 +52,7 @@ def load_split(config: TeachersConfig) -> tuple[ImageSource, torch.Tensor, torch
     """The source and its seeded ``(train, val)`` index split."""
     data = config.data
     source = open_source(data.dataset, data.path, download=data.download, size=data.image_size)
-    train, val = split_indices(len(source), data.val_fraction, config.seed)
+    train, val = data.split(len(source), config.seed)
     return source, train, val
 
 

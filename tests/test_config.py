@@ -71,6 +71,8 @@ GOOD_TEACHERS = "teachers:\n  - {name: a, model: digits_mlp}\n"
         ),
         (GOOD_TEACHERS + "1: x\n", [], r"config: unknown key\(s\) 1; allowed"),
         (GOOD_TEACHERS, ["train.lr=[1"], "the value is not plain YAML"),
+        (GOOD_TEACHERS, ["data.split_seed=-2"], r"data.split_seed: got -2; allowed: an integer >= 0, or null"),
+        (GOOD_TEACHERS, ["data.tuning_fraction=1"], r"data.tuning_fraction: got 1.0; allowed: a number in \[0, 1\)"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, message):

@@ -31,6 +31,33 @@ def test_split_is_deterministic_disjoint_and_complete():
         split_indices(100, 1.5, 0)
 
 
+def test_a_tuning_split_comes_out_of_the_training_split_and_never_touches_val():
+    train, val = split_indices(1797, 0.2, seed=5)
+    fit, tuning = split_indices(1797, 0.2, seed=5, tuning_fraction=0.25)
+    assert len(tuning) == round(len(train) * 0.25) and len(fit) + len(tuning) == len(train)
+    assert set(fit.tolist()) | set(tuning.tolist()) == set(train.tolist())  # all of train, nothing else
+    assert not set(tuning.tolist()) & set(val.tolist()) and not set(fit.tolist()) & set(val.tolist())
+    assert not set(fit.tolist()) & set(tuning.tolist())
+    again, tuning_again = split_indices(1797, 0.2, seed=5, tuning_fraction=0.25)
+    assert torch.equal(tuning, tuning_again) and torch.equal(fit, again)
+    with pytest.raises(ValueError, match="tuning_fraction"):
+        split_indices(10, 0.2, 0, tuning_fraction=0.01)  # rounds to no tuning sample
+
+
+def test_split_seed_fixes_the_evaluation_split_whatever_the_run_seed():
+    from ray_aekd.config import DataConfig, from_dict
+
+    fixed = from_dict(DataConfig, {"split_seed": 3})
+    _, val_a = fixed.split(1797, seed=0)
+    _, val_b = fixed.split(1797, seed=1)
+    assert torch.equal(val_a, val_b) and torch.equal(val_a, split_indices(1797, 0.2, 3)[1])
+    follows = DataConfig()  # null: the run's seed, as before
+    assert not torch.equal(follows.split(1797, seed=0)[1], follows.split(1797, seed=1)[1])
+    tuned = from_dict(DataConfig, {"split_seed": 3, "tuning_fraction": 0.2})
+    train, tuning = tuned.split(1797, seed=7)
+    assert not set(tuning.tolist()) & set(val_a.tolist()) and not set(train.tolist()) & set(val_a.tolist())
+
+
 def test_views_are_keyed_by_seed_view_and_index_not_by_batch():
     source = open_source("digits")
     indices = torch.arange(64)

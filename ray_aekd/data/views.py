@@ -17,16 +17,34 @@ __all__ = ["augment", "normalize", "split_indices", "view_params"]
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def split_indices(num: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(
+    num: int, val_fraction: float, seed: int, tuning_fraction: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random train/validation split of ``range(num)``: ``(train [N_t], val [N_v])``,
-    both sorted."""
+    both sorted.
+
+    With ``tuning_fraction > 0`` the val split is set aside and never returned: a tuning
+    split of ``tuning_fraction`` of the training split (drawn with the same seed) is returned
+    as the validation split, and the rest of the training split as the training split. A sweep
+    then chooses its settings without ever reading the val split it is finally judged on.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1); got {val_fraction}.")
+    if not 0.0 <= tuning_fraction < 1.0:
+        raise ValueError(f"data.tuning_fraction must be in [0, 1); got {tuning_fraction}.")
     num_val = int(round(num * val_fraction))
     if num_val == 0 or num_val == num:
         raise ValueError(f"data.val_fraction {val_fraction} leaves an empty split of {num} samples.")
     order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
-    return order[num_val:].sort().values, order[:num_val].sort().values
+    train, val = order[num_val:], order[:num_val]
+    if tuning_fraction > 0:
+        num_tuning = int(round(len(train) * tuning_fraction))
+        if num_tuning == 0 or num_tuning == len(train):
+            raise ValueError(
+                f"data.tuning_fraction {tuning_fraction} leaves an empty split of the {len(train)} training samples."
+            )
+        train, val = train[num_tuning:], train[:num_tuning]  # order is already random: the next num_tuning
+    return train.sort().values, val.sort().values
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
