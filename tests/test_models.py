@@ -11,6 +11,7 @@ from ray_aekd.models import ModelSpec, build_model, forward_with_feature, model_
 EXPECTED = {
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
     "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflenetv2", "digits_mlp", "digits_cnn",
+    "small_cnn8", "small_cnn16", "small_cnn32",
 }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Other CIFAR networks used across KD papers: WRN, VGG, MobileNetV2, ShuffleNetV2.
+"""Other CIFAR networks used across KD papers: WRN, VGG, MobileNetV2, ShuffleNetV2, and a
+plain four-convolution net small enough to train on CIFAR-10 on a laptop's CPU.
 
 All take ``[B, C, 32, 32]`` inputs (any size >= 32 works; pooling is adaptive) and return
 logits ``[B, K]``. Layer names are stable so that a hint layer can be named in a config.
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["MobileNetV2", "ShuffleNetV2", "VGG", "WideResNet"]
+__all__ = ["MobileNetV2", "ShuffleNetV2", "SmallCNN", "VGG", "WideResNet"]
 
 
 def _init(module: nn.Module) -> None:
@@ -243,3 +244,31 @@ class ShuffleNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv-BN-ReLU layers at widths ``w, 2w, 4w, 4w`` (the last three with stride 2),
+    global average pooling and a linear head. ``w = 8`` has 16 k parameters and trains at about
+    5,000 CIFAR images per second on two CPU cores; ``w = 32`` has 0.24 M (about 1,700 per second).
+
+    Layers: ``stem`` (32x32), ``stage1`` (16x16), ``stage2`` (8x8), ``stage3`` (4x4), ``fc``.
+    """
+
+    def __init__(self, width: int, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+            )
+
+        self.stem = block(in_channels, width, 1)
+        self.stage1 = block(width, 2 * width, 2)
+        self.stage2 = block(2 * width, 4 * width, 2)
+        self.stage3 = block(4 * width, 4 * width, 2)
+        self.fc = nn.Linear(4 * width, num_classes)
+        _init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ray_aekd.models.cifar_nets import VGG, MobileNetV2, ShuffleNetV2, WideResNet
+from ray_aekd.models.cifar_nets import VGG, MobileNetV2, ShuffleNetV2, SmallCNN, WideResNet
 from ray_aekd.models.cifar_resnet import CifarResNet
 from ray_aekd.models.digits_nets import DigitsCNN, DigitsMLP
 
@@ -143,5 +143,7 @@ for _name, _blocks in _VGG_BLOCKS.items():
     register_model(ModelSpec(_name, lambda k, c, b=_blocks: VGG(b, k, in_channels=c), "block5", 32))
 register_model(ModelSpec("mobilenetv2", lambda k, c: MobileNetV2(k, in_channels=c), "blocks", 32))
 register_model(ModelSpec("shufflenetv2", lambda k, c: ShuffleNetV2(k, in_channels=c), "stage3", 32))
+for _width in (8, 16, 32):
+    register_model(ModelSpec(f"small_cnn{_width}", lambda k, c, w=_width: SmallCNN(w, k, in_channels=c), "stage3", 32))
 register_model(ModelSpec("digits_mlp", lambda k, c: DigitsMLP(k, in_features=64 * c), "body", 8))
 register_model(ModelSpec("digits_cnn", lambda k, c: DigitsCNN(k, in_channels=c), "conv2", 8))
