@@ -107,8 +107,10 @@ def _check_resume(config: DistillConfig, run_dir: Path, weights: list[str]) -> N
     saved_file = run_dir / "config.json"
     if not saved_file.exists():
         return
-    saved = json.loads(saved_file.read_text())
     now = json.loads(json.dumps(flatten(config)))
+    # a key added to ray_aekd after the run was saved counts as its default (the run had no other)
+    defaults = json.loads(json.dumps(flatten(DistillConfig(teachers=()))))
+    saved = {k: v for k, v in defaults.items() if k in now} | json.loads(saved_file.read_text())
     teachers_now = [t.name for t in config.teachers]
     changed = sorted(
         k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not k.startswith((*_RESUMABLE_KEYS, "__"))

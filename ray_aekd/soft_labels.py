@@ -128,7 +128,10 @@ def _differences(manifest: dict[str, Any], identity: dict[str, Any]) -> list[str
                     changed = [t["name"] for t, u in zip(have, want, strict=True) if t != u]
                     out.append(f"other weights for teacher(s) {changed}")
             elif key.endswith("sha256"):
-                out.append(f"{key.removesuffix('_sha256')} (another split of the data)")
+                out.append(
+                    f"{key.removesuffix('_sha256')} (another split of the data: data.val_fraction, "
+                    "data.split_seed, data.tuning_fraction or seed)"
+                )
             else:
                 out.append(f"{key} = {have!r} (this run: {want!r})")
     return out

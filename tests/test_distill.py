@@ -208,3 +208,18 @@ def test_hint_level_aekd_through_the_pipeline(local_ray, digits_teachers, tmp_pa
     )
     with pytest.raises(ValueError, match=r"cannot be regressed onto teacher 2 \(digits_mlp\)"):
         distill(bad)
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes_and_a_changed_split_does_not(digits_teachers, tmp_path):
+    from ray_aekd.config import flatten
+    from ray_aekd.distill import _check_resume
+
+    config = smoke_config(digits_teachers, tmp_path)
+    saved = json.loads(json.dumps(flatten(config)))
+    for key in ("data.split_seed", "data.tuning_fraction"):  # a run folder from before these keys
+        del saved[key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_resume(config, tmp_path, [])  # the defaults are what that run had: no error
+    tuned = smoke_config(digits_teachers, tmp_path, "data.tuning_fraction=0.2")
+    with pytest.raises(ValueError, match=r"these keys differ from it: data.tuning_fraction; allowed: only more"):
+        _check_resume(tuned, tmp_path, [])
