@@ -444,12 +444,12 @@ def summarise(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
     return {"strategies": table, "minus_average_acc1": differences}
 
 
-def display_name(label: str, tolerance: float) -> str:
+def display_name(label: str, tolerance: float, given: bool = False) -> str:
     return {
         "none": "none (CE only)",
         "average": "average",
         "aekd_c0.6": "AE-KD, C = 0.6",
-        "aekd_best": f"AE-KD, C = {tolerance:g} (sweep's best)",
+        "aekd_best": f"AE-KD, C = {tolerance:g} " + ("(given)" if given else "(sweep's best)"),
         "mgda": "MGDA (C = 1)",
     }[label]
 
@@ -457,6 +457,7 @@ def display_name(label: str, tolerance: float) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The tables of one scenario, as Markdown."""
     summary = result["summary"]
+    given = result.get("tolerance_given", False)
     lines = [
         f"### {result['scenario']}",
         "",
@@ -465,7 +466,9 @@ def markdown(result: dict[str, Any]) -> str:
         "Teachers (val/acc1 on the evaluation split): "
         + ", ".join(f"{n} {a:.4f}" for n, a in result["teachers"].items())
         + f"; ensemble {result['ensemble_acc1']:.4f}.",
-        f"Sweep's best C on the tuning split: {result['best_tolerance']:g} "
+        f"C given with --tolerance: {result['best_tolerance']:g} (no tuning sweep)."
+        if result.get("tolerance_given")
+        else f"Sweep's best C on the tuning split: {result['best_tolerance']:g} "
         f"(tuning val/acc1: {', '.join(f'C={c}: {a:.4f}' for c, a in result['tuning_acc1'].items())}).",
         "",
         "| strategy | val/acc1 | val/agreement | val/ece | s / run | Δ val/acc1 vs average, per seed |",
@@ -481,7 +484,7 @@ def markdown(result: dict[str, Any]) -> str:
             ties = f", {diff['ties']} tied" if diff["ties"] else ""
             delta = f"{diff['mean']:+.4f} ± {diff['std']:.4f} (higher on {diff['wins']} of {diff['n']}{ties})"
         seconds = f"{row['seconds']['mean']:.0f}"
-        lines.append(f"| {display_name(label, row['tolerance'])} | {' | '.join(cells)} | {seconds} | {delta} |")
+        lines.append(f"| {display_name(label, row['tolerance'], given)} | {' | '.join(cells)} | {seconds} | {delta} |")
     lines += ["", f"Mean ± sample standard deviation over {n} seeds ({', '.join(map(str, result['seeds']))})."]
     took = result["compute_seconds"]
     lines.append(
@@ -507,6 +510,7 @@ def plot_scenario(result: dict[str, Any], rows: list[dict[str, Any]], folder: Pa
     plots.mkdir(parents=True, exist_ok=True)
     out = {}
     table = result["summary"]["strategies"]
+    given = result.get("tolerance_given", False)
     labels = list(table)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     means = [table[k]["val/acc1"]["mean"] for k in labels]
@@ -518,7 +522,7 @@ def plot_scenario(result: dict[str, Any], rows: list[dict[str, Any]], folder: Pa
         values = table[label]["val/acc1"]["values"]
         ax.scatter([i + 0.12] * len(values), values, color="black", s=9, zorder=3)
     ax.axhline(result["ensemble_acc1"], color="grey", linestyle="--", linewidth=0.8, label="teacher ensemble")
-    ax.set_xticks(range(len(labels)), [display_name(k, table[k]["tolerance"]) for k in labels], rotation=20,
+    ax.set_xticks(range(len(labels)), [display_name(k, table[k]["tolerance"], given) for k in labels], rotation=20,
                   ha="right", fontsize=8)  # fmt: skip
     low = min(min(table[k]["val/acc1"]["values"] + [m - s]) for k, m, s in zip(labels, means, stds, strict=True))
     high = max(max(table[k]["val/acc1"]["values"] + [m + s]) for k, m, s in zip(labels, means, stds, strict=True))
@@ -545,7 +549,8 @@ def plot_scenario(result: dict[str, Any], rows: list[dict[str, Any]], folder: Pa
         steps = min(len(t) for t in tables)
         alpha = np.mean([t[:steps, 2:] for t in tables], axis=0)
         out[f"alpha_{label}"] = plots / f"alpha_{label}.png"
-        title = f"{result['scenario']}: {display_name(label, table[label]['tolerance'])}, mean of {len(tables)} seeds"
+        name = display_name(label, table[label]["tolerance"], given)
+        title = f"{result['scenario']}: {name}, mean of {len(tables)} seeds"
         plot_weights(tables[0][:steps, 0], alpha, names, out[f"alpha_{label}"], title)
 
     cosines = [
@@ -598,14 +603,22 @@ def log_summary(result: dict[str, Any], plots: dict[str, Path], folder: Path, ur
 # ---------------------------------------------------------------- main
 
 
-def run_scenario(scenario: Scenario, seeds: list[int], out: Path, uri: str, experiment: str) -> dict[str, Any]:
+def run_scenario(
+    scenario: Scenario, seeds: list[int], out: Path, uri: str, experiment: str, tolerance: float | None = None
+) -> dict[str, Any]:
+    """Teachers, C (tuned by the sweep, or ``tolerance`` as given), every strategy and seed, the
+    summary, its plots and its MLflow run."""
     start = time.perf_counter()
     folder = out / scenario.name
     folder.mkdir(parents=True, exist_ok=True)
     say(f"{scenario.name}: {scenario.about}")
     teachers = train_or_reuse_teachers(scenario, folder, uri, experiment)
     base = distill_base(scenario, teachers, uri, experiment)
-    tuned = tune_tolerance(scenario, base, folder)
+    if tolerance is None:
+        tuned = tune_tolerance(scenario, base, folder)
+    else:  # chosen elsewhere (an earlier `ray-aekd sweep`): no tuning sweep here
+        say(f"{scenario.name}: C = {tolerance:g} as given by --tolerance; no tuning sweep")
+        tuned = {"tolerance": tolerance, "tuning_acc1": {}, "seconds": 0.0}
     best = tuned["tolerance"]
     # C = 0.6 or C = 1 (MGDA) are rows of their own already: the same runs, not run twice
     same_as = next((k for k, c in (("aekd_c0.6", AUTHORS_TOLERANCE), ("mgda", 1.0)) if math.isclose(best, c)), None)
@@ -635,6 +648,7 @@ def run_scenario(scenario: Scenario, seeds: list[int], out: Path, uri: str, expe
         "best_tolerance": best,
         "best_same_as": same_as,
         "tuning_acc1": tuned["tuning_acc1"],
+        "tolerance_given": tolerance is not None,
         # what each step took when it ran (a rerun that reuses it takes seconds)
         "compute_seconds": {
             "teachers": teachers["seconds"],
@@ -668,8 +682,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default=None, help="MLflow store, as tracking.uri: MLFLOW_TRACKING_URI "
                         "wins over it, as everywhere in ray_aekd (default: sqlite:///mlflow.db)")  # fmt: skip
     parser.add_argument("--experiment", default=EXPERIMENT)
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="use this C for the tuned-C row instead of running the tuning sweep (e.g. one chosen "
+                        "by an earlier `ray-aekd sweep`); in [1/3, 1] for the study's three teachers")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="test-sized: 1-2 epochs, 2 seeds, 2 C values in the sweep")
     args = parser.parse_args(argv)
+    if args.tolerance is not None and not 1 / 3 - 1e-9 <= args.tolerance <= 1:
+        parser.error(f"--tolerance: got {args.tolerance}; allowed: a number in [1/3, 1] (C for M = 3 teachers)")
     if args.seeds is not None and (
         len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2 or min(args.seeds) < 0
     ):
@@ -708,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in chosen:
         try:
             seeds = list(scenario.seeds) if args.seeds is None else args.seeds
-            results[scenario.name] = run_scenario(scenario, seeds, out, uri, args.experiment)
+            results[scenario.name] = run_scenario(scenario, seeds, out, uri, args.experiment, args.tolerance)
         except Exception as error:  # one scenario's failure does not lose the others' results
             failed.append(scenario.name)
             say(f"{scenario.name}: FAILED: {type(error).__name__}: {error}")
