@@ -604,9 +604,9 @@ def log_summary(result: dict[str, Any], plots: dict[str, Path], folder: Path, ur
 
 
 def run_scenario(
-    scenario: Scenario, seeds: list[int], out: Path, uri: str, experiment: str, tolerance: float | None = None
+    scenario: Scenario, seeds: list[int], out: Path, uri: str, experiment: str, given_tolerance: float | None = None
 ) -> dict[str, Any]:
-    """Teachers, C (tuned by the sweep, or ``tolerance`` as given), every strategy and seed, the
+    """Teachers, C (tuned by the sweep, or ``given_tolerance``), every strategy and seed, the
     summary, its plots and its MLflow run."""
     start = time.perf_counter()
     folder = out / scenario.name
@@ -614,11 +614,11 @@ def run_scenario(
     say(f"{scenario.name}: {scenario.about}")
     teachers = train_or_reuse_teachers(scenario, folder, uri, experiment)
     base = distill_base(scenario, teachers, uri, experiment)
-    if tolerance is None:
+    if given_tolerance is None:
         tuned = tune_tolerance(scenario, base, folder)
     else:  # chosen elsewhere (an earlier `ray-aekd sweep`): no tuning sweep here
-        say(f"{scenario.name}: C = {tolerance:g} as given by --tolerance; no tuning sweep")
-        tuned = {"tolerance": tolerance, "tuning_acc1": {}, "seconds": 0.0}
+        say(f"{scenario.name}: C = {given_tolerance:g} as given by --tolerance; no tuning sweep")
+        tuned = {"tolerance": given_tolerance, "tuning_acc1": {}, "seconds": 0.0}
     best = tuned["tolerance"]
     # C = 0.6 or C = 1 (MGDA) are rows of their own already: the same runs, not run twice
     same_as = next((k for k, c in (("aekd_c0.6", AUTHORS_TOLERANCE), ("mgda", 1.0)) if math.isclose(best, c)), None)
@@ -648,7 +648,7 @@ def run_scenario(
         "best_tolerance": best,
         "best_same_as": same_as,
         "tuning_acc1": tuned["tuning_acc1"],
-        "tolerance_given": tolerance is not None,
+        "tolerance_given": given_tolerance is not None,
         # what each step took when it ran (a rerun that reuses it takes seconds)
         "compute_seconds": {
             "teachers": teachers["seconds"],
