@@ -22,11 +22,14 @@ import yaml
 
 from ray_aekd.data.sources import SOURCES
 from ray_aekd.data.views import split_indices
+from ray_aekd.models.preprocess import Preprocess
 from ray_aekd.models.registry import model_spec
+from ray_aekd.models.sources import SOURCE_KINDS, ModelSource
 from ray_aekd.weighting import STRATEGIES
 
 __all__ = [
     "PRESETS",
+    "PreprocessConfig",
     "CACHE_DTYPES",
     "CacheConfig",
     "ConfigError",
@@ -298,11 +301,48 @@ class TeachersConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """What a teacher was trained on: ``x in [0, 1] -> resize to size -> (x - mean) / std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: int | None = None  # resize images to size x size first (bilinear); null: the data's size
+
+    def validate(self, prefix: str) -> None:
+        _check(len(self.mean) >= 1, f"{prefix}.mean", list(self.mean), "one number, or one per input channel")
+        _check(
+            len(self.std) >= 1 and all(math.isfinite(v) and v > 0 for v in self.std),
+            f"{prefix}.std",
+            list(self.std),
+            "one number > 0, or one per input channel",
+        )
+        size = self.size
+        _check(size is None or size >= 1, f"{prefix}.size", size, "an integer >= 1, or null (the data's size)")
+
+    def to_preprocess(self) -> Preprocess:
+        return Preprocess(self.mean, self.std, self.size)
+
+
+_SOURCE_ALLOWED = (
+    "exactly one of checkpoint (a ray_aekd checkpoint folder or URI), model + weights (an architecture and a "
+    ".pt/.pth/.safetensors state dict), exported (a torch.export .pt2 program), torchscript (a TorchScript file) "
+    "or mlflow (models:/<name>@<alias>, models:/<model id>, runs:/<run id>/<path>)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillTeacher:
-    """A trained teacher for distillation: where its checkpoint is and how its Ray Data stage runs."""
+    """A trained teacher for distillation: where the model is (one of ``SOURCE_KINDS``), how
+    its inputs are prepared, and how its Ray Data stage runs."""
 
     name: str
-    checkpoint: str  # folder, fsspec URL (s3://...) or MLflow URI (runs:/<id>/checkpoint)
+    checkpoint: str | None = None  # ray_aekd checkpoint: folder, fsspec URL (s3://...) or MLflow URI
+    model: str | None = None  # with weights: a registry name, torchvision:<name> or timm:<name>
+    weights: str | None = None  # the state dict for model: .pt/.pth (tensors only) or .safetensors
+    exported: str | None = None  # a torch.export program (.pt2) with a dynamic batch dimension
+    torchscript: str | None = None  # a scripted or traced module (torch.jit.save)
+    mlflow: str | None = None  # MLflow PyTorch model: models:/<name>@<alias>, models:/<id>, runs:/<id>/<path>, a folder
+    preprocess: PreprocessConfig | None = None  # null: the dataset's (a checkpoint's own; [0, 1] for our exports)
     num_gpus: float = 0.0  # per actor; fractional shares a GPU
     num_cpus: float = 1.0  # per actor or task (fractions oversubscribe a small machine with processes)
     actors: int = 1  # size of this teacher's actor pool (stage: actors)
@@ -310,6 +350,31 @@ class DistillTeacher:
     stage: str = "auto"  # actors | tasks | auto (actors when num_gpus > 0, else tasks)
     resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per actor/task
     label_selector: dict[str, str] = dataclasses.field(default_factory=dict)  # run only on nodes with these labels
+
+    @property
+    def source_kind(self) -> str:
+        """The key that names this teacher's model (``checkpoint``, ``model``, ...)."""
+        return next(k for k in SOURCE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def location(self) -> str:
+        """The file, folder or URI of the model (``weights`` for a ``model`` teacher)."""
+        kind = self.source_kind
+        return str(self.weights if kind == "model" else getattr(self, kind))
+
+    def with_location(self, location: str) -> DistillTeacher:
+        """This teacher with its file, folder or URI replaced (resolved paths, downloaded MLflow models)."""
+        kind = self.source_kind
+        return dataclasses.replace(self, **{"weights" if kind == "model" else kind: location})
+
+    def source(self) -> ModelSource:
+        kind = self.source_kind
+        return ModelSource(
+            kind=kind,
+            location=self.location,
+            architecture=self.model,
+            preprocess=self.preprocess.to_preprocess() if self.preprocess is not None else None,
+        )
 
     def validate(self, prefix: str) -> None:
         _check_resources(f"{prefix}.resources", self.resources)
@@ -329,7 +394,30 @@ class DistillTeacher:
             "1 unless the teacher runs as an actor pool (stage: actors, or auto with num_gpus > 0)",
         )
         _check(bool(self.name) and "/" not in self.name, f"{prefix}.name", self.name, "a non-empty name without '/'")
-        _check(bool(self.checkpoint), f"{prefix}.checkpoint", self.checkpoint, "a checkpoint folder or URI")
+        _check(
+            (self.model is None) == (self.weights is None),
+            f"{prefix}.{'weights' if self.weights is None else 'model'}",
+            None,
+            "model and weights together: the architecture and its state dict file",
+        )
+        given = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
+        _check(len(given) == 1, prefix, f"{self.name} with {', '.join(given) or 'none of them'}", _SOURCE_ALLOWED)
+        for key in (*SOURCE_KINDS, "weights"):
+            value = getattr(self, key)
+            _check(value is None or bool(value.strip()), f"{prefix}.{key}", value, "a non-empty path or URI, or null")
+        if self.model is not None:
+            try:
+                model_spec(self.model)
+            except ValueError as error:
+                raise ConfigError(f"{prefix}.model: {error}") from None
+        if self.mlflow is not None:
+            _check(
+                self.mlflow.startswith(("models:/", "runs:/")) or "://" not in self.mlflow,
+                f"{prefix}.mlflow",
+                self.mlflow,
+                "models:/<name>@<alias>, models:/<name>/<version>, models:/<model id>, runs:/<run id>/<path>, or a "
+                "local MLflow model folder",
+            )
         _check(
             0 <= self.num_gpus <= 1 or float(self.num_gpus).is_integer(),
             f"{prefix}.num_gpus",

@@ -200,7 +200,7 @@ def distill(
     )
     train_idx, val_idx = config.data.split(len(source), config.seed)
     info = check_run(config, source, len(train_idx))
-    stages = stage_specs(config)
+    stages = stage_specs(config, source)
     weights = [s.weights_sha256 for s in stages]
     cache = cache_uri(config) if config.cache.path is not None else None
     if cache is not None:  # refuse a missing or stale cache before anything is scheduled

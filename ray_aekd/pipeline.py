@@ -36,10 +36,10 @@ import torch
 
 from ray_aekd.data.ray_dataset import to_ray_dataset
 from ray_aekd.data.sources import ImageSource
-from ray_aekd.data.views import augment, normalize
+from ray_aekd.data.views import augment
 from ray_aekd.faults import TeacherFault, die, fire_once
-from ray_aekd.models.checkpoint import load_checkpoint
 from ray_aekd.models.registry import forward_with_feature, model_spec
+from ray_aekd.models.sources import ModelSource, load_source
 
 __all__ = [
     "TeacherStage",
@@ -97,17 +97,19 @@ class ViewClock:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherStageSpec:
-    """One teacher stage: the checkpoint and the actors or tasks that run it."""
+    """One teacher stage: the model's source and the actors or tasks that run it."""
 
     name: str
-    checkpoint: str  # a local folder or fsspec URL (MLflow URIs are resolved by the caller)
+    source: ModelSource  # a local path or fsspec URL, preprocessing explicit (the driver resolved both)
+    num_classes: int = 0  # K of the data (model + weights sources are built for it)
+    in_channels: int = 3
     num_gpus: float = 0.0
     num_cpus: float = 0.5
     actors: int = 1
     batch_size: int = 256
     hint_layer: str | None = None  # also output this layer's activations as feature/<name>
     stage: str = "actors"  # actors: an actor pool; tasks: Ray tasks, the model cached per worker process
-    weights_sha256: str = ""  # part of the task cache's key: a checkpoint rewritten in place is reloaded
+    weights_sha256: str = ""  # the model file's digest; part of the task cache's key: a file rewritten is reloaded
     resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per actor or task (pairs: hashable)
     label_selector: tuple[tuple[str, str], ...] = ()  # node labels the actors or tasks must run on
 
@@ -124,7 +126,8 @@ class TeacherStageSpec:
 class TeacherStage:
     """A frozen teacher on a Ray Data actor: uint8 images in, ``logits/<name>`` out.
 
-    The teacher normalises with its own checkpoint's statistics, runs in ``eval()`` under
+    The teacher prepares images with its own preprocessing (its checkpoint's statistics, the
+    ``preprocess`` its config declares, or the data's), runs in ``eval()`` under
     ``torch.inference_mode()`` on its GPU if it was given one, and never enters DDP.
     Shapes: ``image`` uint8 ``[B, C, H, W]`` -> ``logits/<name>`` float32 ``[B, K]``.
     """
@@ -134,11 +137,17 @@ class TeacherStage:
         self.counter = counter  # a ViewClock that counts the samples this teacher runs on
         self.fault = fault
         self.device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        model, meta = load_checkpoint(spec.checkpoint, map_location=self.device)
-        self.model = model.to(self.device).eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        self.mean, self.std = meta.mean, meta.std
+        preprocess = spec.source.preprocess
+        assert preprocess is not None, "the driver makes every stage's preprocessing explicit"  # a bug otherwise
+        loaded = load_source(
+            spec.source,
+            num_classes=spec.num_classes,
+            in_channels=spec.in_channels,
+            default_preprocess=preprocess,
+            map_location=self.device,
+        )
+        self.model = loaded.module.to(self.device)
+        self.preprocess = loaded.preprocess
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.fault is not None and self.fault.teacher == self.spec.name and self.counter is not None:
@@ -146,7 +155,7 @@ class TeacherStage:
             if number >= self.fault.batch and fire_once(self.fault.marker_dir, "kill_teacher"):
                 die(f"killing the process of teacher {self.spec.name!r} (pid {os.getpid()}) at its batch {number}")
         images = torch.from_numpy(np.array(batch["image"])).to(self.device)
-        x = normalize(images, self.mean, self.std)
+        x = self.preprocess(images)
         with torch.inference_mode():
             if self.spec.hint_layer is None:
                 logits = self.model(x)

@@ -11,18 +11,23 @@ from typing import Any
 import ray
 import torch
 
-from ray_aekd.config import DistillConfig
+from ray_aekd.config import DistillConfig, DistillTeacher
 from ray_aekd.data import normalize
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.models import build_model, forward_with_feature, model_spec
-from ray_aekd.models.checkpoint import CheckpointError, load_checkpoint, read_metadata
+from ray_aekd.models.checkpoint import CheckpointError, read_metadata
+from ray_aekd.models.preprocess import Preprocess
+from ray_aekd.models.sources import LoadedModel, ModelSourceError, check_on_batch, load_source
 from ray_aekd.pipeline import _TASK_CPUS, TeacherStageSpec, logits_column, teacher_hint_layer
 from ray_aekd.session import Demand
-from ray_aekd.tracking import MLFLOW_URI_SCHEMES, resolve_tracking_uri
+from ray_aekd.tracking import MLFLOW_URI_SCHEMES, download_model, resolve_tracking_uri
 
 __all__ = [
     "check_run",
     "demand_totals",
+    "load_teacher",
+    "sample_images",
+    "teacher_key",
     "resolve_paths",
     "run_demands",
     "shared_paths",
@@ -38,21 +43,17 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
         data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
     teachers = []
     for i, teacher in enumerate(config.teachers):
-        path = teacher.checkpoint
-        if path.startswith(MLFLOW_URI_SCHEMES):
-            import mlflow.artifacts
-
+        path = teacher.location
+        key = f"teachers.{i}.{teacher_key(teacher)}"
+        if teacher.source_kind == "mlflow" or path.startswith(MLFLOW_URI_SCHEMES):
             target = run_dir / "teachers" / teacher.name
-            target.mkdir(parents=True, exist_ok=True)
             try:
-                path = mlflow.artifacts.download_artifacts(
-                    artifact_uri=path, dst_path=str(target), tracking_uri=resolve_tracking_uri(config.tracking.uri)
-                )
-            except Exception as error:
-                raise ValueError(f"teachers.{i}.checkpoint: cannot download {path!r} from MLflow ({error}).") from None
+                path = download_model(path, target, resolve_tracking_uri(config.tracking.uri))
+            except ValueError as error:
+                raise ValueError(f"{key}: {_sentence(error)}; allowed: {_ALLOWED[teacher.source_kind]}.") from None
         elif "://" not in path:
             path = str(Path(path).resolve())
-        teachers.append(dataclasses.replace(teacher, checkpoint=path))
+        teachers.append(teacher.with_location(path))
     storage = config.storage_path
     if storage is not None and "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -66,9 +67,79 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
 
 
 _CHECKPOINT_ALLOWED = (
-    "a ray_aekd checkpoint (a folder or URI holding metadata.json and a tensors-only weights.pt that matches its "
-    "hash, as `ray-aekd teachers` writes)"
+    "a ray_aekd checkpoint (a folder or URI holding metadata.json and the tensors-only weights file "
+    "(weights.safetensors, or weights.pt before version 2) that matches its hash, as `ray-aekd teachers` writes)"
 )
+#: What each kind of teacher source allows, for error lines.
+_ALLOWED = {
+    "checkpoint": _CHECKPOINT_ALLOWED,
+    "model": "a state dict (.pt/.pth of tensors only, or .safetensors) that fits the architecture named by model, "
+    "for the data's classes",
+    "exported": "a torch.export program (.pt2, tensors and graph only) with a dynamic batch dimension, for the data's "
+    "images and classes",
+    "torchscript": "a TorchScript file (torch.jit.save of a scripted or traced module) for the data's images and "
+    "classes",
+    "mlflow": "an MLflow PyTorch model in the pt2 format (MLflow 3's default), for the data's images and classes",
+}
+
+
+def teacher_key(teacher: DistillTeacher) -> str:
+    """The config key that holds a teacher's file: ``weights`` for a ``model`` teacher."""
+    return "weights" if teacher.source_kind == "model" else teacher.source_kind
+
+
+def sample_images(source: ImageSource, count: int = 2) -> torch.Tensor:
+    """The first ``count`` images of ``source``, uint8 ``[count, C, H, W]`` (real data for checks)."""
+    return torch.stack([source[i][0] for i in range(min(count, len(source)))])
+
+
+def load_teacher(teacher: DistillTeacher, source: ImageSource, key: str) -> LoadedModel:
+    """Load ``teacher`` (paths resolved) for ``source``'s data and run it on two real images;
+    every failure is one ``key: ...; allowed: ...`` line naming the teacher and its file."""
+    spec = teacher.source()
+    default = Preprocess(source.mean, source.std)
+    try:
+        loaded = load_source(
+            spec, num_classes=source.num_classes, in_channels=source.input_shape[0], default_preprocess=default
+        )
+        check_on_batch(
+            loaded, sample_images(source), source.num_classes, f"teacher {teacher.name!r} ({spec.describe()})"
+        )
+    except (ModelSourceError, OSError) as error:
+        raise ValueError(f"{key}: {_sentence(error)}; allowed: {_ALLOWED[spec.kind]}.") from None
+    if loaded.class_names and tuple(loaded.class_names) != tuple(source.class_names):
+        raise ValueError(
+            f"{key}: teacher {teacher.name!r} ({spec.describe()}) was trained on classes "
+            f"{_names(loaded.class_names)}, but the data has {_names(source.class_names)}; allowed: a teacher "
+            "for the data's classes, in the same order."
+        )
+    return loaded
+
+
+def _names(names: tuple[str, ...] | list[str], limit: int = 6) -> str:
+    shown = ", ".join(map(str, list(names)[:limit]))
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+_LOADED: dict[tuple[Any, ...], LoadedModel] = {}
+
+
+def teacher_facts(teacher: DistillTeacher, source: ImageSource, key: str) -> LoadedModel:
+    """``load_teacher``, kept per process for the file as it is now (size and mtime), so the
+    driver's checks and ``stage_specs`` load each teacher once."""
+    path = Path(teacher.location)
+    stamp = (path.stat().st_size, path.stat().st_mtime_ns) if "://" not in teacher.location and path.exists() else None
+    if path.is_dir():
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+    cache_key = (teacher.source(), stamp, source.num_classes, source.input_shape, source.mean, source.std)
+    if stamp is None or cache_key not in _LOADED:
+        loaded = load_teacher(teacher, source, key)
+        if stamp is None:
+            return loaded
+        if len(_LOADED) >= 16:  # bounded: drop the oldest
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[cache_key] = loaded
+    return _LOADED[cache_key]
 
 
 def _sentence(error: Exception) -> str:
@@ -83,27 +154,30 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
     x = normalize(image.unsqueeze(0).repeat(2, 1, 1, 1), source.mean, source.std)
     teacher_channels = []
     for i, teacher in enumerate(config.teachers):
-        key = f"teachers.{i}.checkpoint"
-        try:
-            meta = read_metadata(teacher.checkpoint)
-        except (CheckpointError, OSError) as error:
-            raise ValueError(f"{key}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}.") from None
-        if meta.num_classes != source.num_classes or tuple(meta.input_shape) != source.input_shape:
-            raise ValueError(
-                f"{key}: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "
-                f"{list(meta.input_shape)}, but {config.data.dataset} has {source.num_classes} classes and inputs "
-                f"{list(source.input_shape)}; allowed: a teacher trained for {source.num_classes} classes and inputs "
-                f"{list(source.input_shape)} (the teachers and the student read the same images)."
-            )
-        try:  # the whole checkpoint, as the teacher stages will read it: hash, tensors only, fits its architecture
-            model, meta = load_checkpoint(teacher.checkpoint)
-        except (ValueError, OSError) as error:  # CheckpointError is a ValueError
-            raise ValueError(f"{key}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}.") from None
+        key = f"teachers.{i}.{teacher_key(teacher)}"
+        if teacher.source_kind == "checkpoint" and teacher.preprocess is None:
+            try:
+                meta = read_metadata(teacher.checkpoint)  # type: ignore[arg-type]
+            except (CheckpointError, OSError) as error:
+                raise ValueError(f"{key}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}.") from None
+            if meta.num_classes != source.num_classes or tuple(meta.input_shape) != source.input_shape:
+                raise ValueError(
+                    f"{key}: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "
+                    f"{list(meta.input_shape)}, but {config.data.dataset} has {source.num_classes} classes and inputs "
+                    f"{list(source.input_shape)}; allowed: a teacher trained for {source.num_classes} classes and "
+                    f"inputs {list(source.input_shape)} (the teachers and the student read the same images)."
+                )
+        loaded = teacher_facts(teacher, source, key)  # the whole file, as the teacher stage will read it
         if config.distill.hint_weight > 0:
+            if loaded.architecture is None:
+                raise ValueError(
+                    f"{key}: teacher {teacher.name!r} is a {teacher.source_kind} model, whose layers cannot be named "
+                    "for hints; allowed: checkpoint or model + weights teachers when distill.hint_weight > 0."
+                )
             with torch.no_grad():
-                _, feature = forward_with_feature(model, x, teacher_hint_layer(meta.architecture))
-            teacher_channels.append((meta.architecture, list(feature.shape[1:])))
-        del model
+                teacher_x = loaded.preprocess(sample_images(source))
+                _, feature = forward_with_feature(loaded.module, teacher_x, teacher_hint_layer(loaded.architecture))
+            teacher_channels.append((loaded.architecture, list(feature.shape[1:])))
     student = build_model(config.student.model, source.num_classes, in_channels=source.input_shape[0]).eval()
     info: dict[str, Any] = {
         "num_classes": source.num_classes,
@@ -162,23 +236,27 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
     return info
 
 
-def stage_specs(config: DistillConfig) -> list[TeacherStageSpec]:
+def stage_specs(config: DistillConfig, source: ImageSource) -> list[TeacherStageSpec]:
+    """One stage per teacher (paths resolved), each with its preprocessing made explicit."""
     specs = []
-    for teacher in config.teachers:
-        layer = None
-        if config.distill.hint_weight > 0:
-            layer = teacher_hint_layer(read_metadata(teacher.checkpoint).architecture)
+    for i, teacher in enumerate(config.teachers):
+        loaded = teacher_facts(teacher, source, f"teachers.{i}.{teacher_key(teacher)}")
+        layer = (
+            teacher_hint_layer(loaded.architecture) if config.distill.hint_weight > 0 and loaded.architecture else None
+        )
         specs.append(
             TeacherStageSpec(
                 name=teacher.name,
-                checkpoint=teacher.checkpoint,
+                source=dataclasses.replace(teacher.source(), preprocess=loaded.preprocess),
+                num_classes=source.num_classes,
+                in_channels=source.input_shape[0],
                 num_gpus=teacher.num_gpus,
                 num_cpus=teacher.num_cpus,
                 actors=teacher.actors,
                 batch_size=teacher.batch_size,
                 hint_layer=layer,
                 stage=teacher.stage if teacher.stage != "auto" else ("actors" if teacher.num_gpus > 0 else "tasks"),
-                weights_sha256=read_metadata(teacher.checkpoint).weights_sha256,
+                weights_sha256=loaded.digest,
                 resources=tuple(sorted(teacher.resources.items())),
                 label_selector=tuple(sorted(teacher.label_selector.items())),
             )
@@ -233,7 +311,7 @@ def shared_paths(config: DistillConfig, written: Path, tracking_uri: str) -> dic
     if config.data.path is not None:
         paths["data.path"] = config.data.path
     if config.cache.path is None:
-        paths |= {f"teachers.{i}.checkpoint": t.checkpoint for i, t in enumerate(config.teachers)}
+        paths |= {f"teachers.{i}.{teacher_key(t)}": t.location for i, t in enumerate(config.teachers)}
     else:
         paths["cache.path"] = config.cache.path
     if config.storage_path is not None:

@@ -199,7 +199,7 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     )
     train_idx, val_idx = config.data.split(len(source), config.seed)
     check_run(config, source, len(train_idx))
-    stages = stage_specs(config)
+    stages = stage_specs(config, source)
     identity = cache_identity(config, source, train_idx, val_idx, stages)
     existing = read_manifest(uri)
     if existing is not None and not overwrite:
@@ -258,7 +258,7 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     manifest = {
         "format": FORMAT_VERSION,
         **identity,
-        "teacher_checkpoints": [s.checkpoint for s in stages],
+        "teacher_sources": [s.source.describe() for s in stages],
         "dtype": config.cache.dtype,
         "teacher_forward_passes": forwards,
         "seconds": time.perf_counter() - start,

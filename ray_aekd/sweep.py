@@ -34,10 +34,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
-from ray_aekd.config import DistillConfig, apply_preset, flatten, from_dict
+from ray_aekd.config import DistillConfig, DistillTeacher, apply_preset, flatten, from_dict
 from ray_aekd.data import open_source
 from ray_aekd.distill import TrialHooks, _demands, _resources, distill
-from ray_aekd.prepare import check_run, resolve_paths, shared_paths
+from ray_aekd.prepare import check_run, resolve_paths, shared_paths, teacher_key
 from ray_aekd.provenance import environment_tags
 from ray_aekd.session import check_shared, connect
 from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
@@ -189,7 +189,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
     resolved = resolve_paths(config, sweep_dir)
     base = dict(base)
     base["teachers"] = [
-        dict(t, checkpoint=r.checkpoint) for t, r in zip(base["teachers"], resolved.teachers, strict=True)
+        dict(t, **{teacher_key(r): r.location}) for t, r in zip(base["teachers"], resolved.teachers, strict=True)
     ]
     if resolved.data.path is not None:
         base["data"] = dict(base.get("data", {}), path=resolved.data.path)
@@ -313,7 +313,13 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
 
 
 def _missing_teachers(config: DistillConfig) -> list[str]:
-    return [t.name for t in config.teachers if "://" not in t.checkpoint and not Path(t.checkpoint).exists()]
+    return [t.name for t in config.teachers if _is_missing(t)]
+
+
+def _is_missing(teacher: DistillTeacher) -> bool:
+    """A local checkpoint folder that is not there yet (the sweep's teachers config can make it)."""
+    location = teacher.location
+    return teacher.source_kind == "checkpoint" and "://" not in location and not Path(location).exists()
 
 
 def _tune_storage(sweep: SweepConfig, sweep_dir: Path) -> str:
@@ -344,7 +350,7 @@ def _train_missing_teachers(config: DistillConfig, teachers_file: str, log: Call
 
     log(f"teacher checkpoint(s) of {', '.join(missing)} missing: training the teachers of {teachers_file} first")
     train_teachers(load_config(TeachersConfig, teachers_file), log=log)
-    still = [t.checkpoint for t in config.teachers if "://" not in t.checkpoint and not Path(t.checkpoint).exists()]
+    still = [t.location for t in config.teachers if _is_missing(t)]
     if still:
         raise ValueError(
             f"teachers: {teachers_file} did not make the checkpoints the base config names ({', '.join(still)}); "

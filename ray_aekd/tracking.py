@@ -25,6 +25,7 @@ __all__ = [
     "RUN_ID_FILE",
     "TRACKING_FAILED_FILE",
     "TRACKING_URI_FILE",
+    "download_model",
     "log_student_model",
     "open_store",
     "experiment_id",
@@ -77,6 +78,21 @@ def local_checkpoint_path(path: str, tracking_uri: str | None = None) -> str:
     import mlflow.artifacts
 
     return mlflow.artifacts.download_artifacts(artifact_uri=path, tracking_uri=resolve_tracking_uri(tracking_uri))
+
+
+def download_model(uri: str, target: Path, tracking_uri: str) -> str:
+    """Download the MLflow model or artifact at ``uri`` (``models:/<name>@<alias>``,
+    ``models:/<name>/<version>``, ``models:/<model id>``, ``runs:/<run id>/<path>``) into
+    ``target``; returns the local folder. Raises ``ValueError`` naming the URI and the store."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot download {uri!r} from MLflow at {tracking_uri} ({first})") from None
 
 
 class RunLogger:

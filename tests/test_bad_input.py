@@ -51,12 +51,15 @@ def _checkpoint(root: Path, name: str, arch: str = "digits_mlp", classes: int = 
 
 
 def _replace_weights(path: Path, payload: object) -> None:
-    """Write ``payload`` as weights.pt and its hash into metadata.json: only the content check can refuse it."""
+    """Make ``path`` a format-1 checkpoint (weights.pt, a torch file, as before safetensors) holding
+    ``payload``, its hash in metadata.json: only the content check can refuse it."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    (path / "weights.safetensors").unlink()
     (path / "weights.pt").write_bytes(buffer.getvalue())
     meta = json.loads((path / "metadata.json").read_text())
     meta["weights_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    meta["format_version"] = 1
     (path / "metadata.json").write_text(json.dumps(meta))
 
 
@@ -67,7 +70,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad_inputs")
     out = {"a": _checkpoint(root, "a"), "b": _checkpoint(root, "b", "digits_cnn")}
     truncated = _checkpoint(root, "truncated")
-    weights = truncated / "weights.pt"
+    weights = truncated / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # a copy cut short
     pickled = _checkpoint(root, "pickled")
     out["marker"] = root / "pickled-code-ran"
@@ -161,9 +164,10 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
      "teachers: got ['a']; allowed: unique teacher names (these repeat)."),
     ("checkpoint-missing", [_teachers(b="{missing}")],
      ("teachers.1.checkpoint: {missing} is not a ray_aekd checkpoint: metadata.json is missing (the path does not "
-      "exist); allowed: a ray_aekd checkpoint (a folder or URI holding metadata.json and a tensors-only weights.pt")),
+      "exist); allowed: a ray_aekd checkpoint (a folder or URI holding metadata.json and the tensors-only weights "
+      "file (weights.safetensors, or weights.pt before version 2)")),
     ("checkpoint-truncated", [_teachers(b="{truncated}")],
-     ("teachers.1.checkpoint: {truncated} is damaged: weights.pt does not match the hash in metadata.json "
+     ("teachers.1.checkpoint: {truncated} is damaged: weights.safetensors does not match the hash in metadata.json "
       "(truncated or altered;", "; allowed: a ray_aekd checkpoint (")),
     ("checkpoint-pickled-code", [_teachers(b="{pickled}")],
      ("teachers.1.checkpoint: {pickled} is unsafe: weights.pt holds more than tensors and is refused (nothing was "

@@ -38,13 +38,16 @@ def saved(tmp_path: Path, name: str = "ckpt") -> tuple[str, torch.nn.Module]:
 
 
 def rewrite_weights(path: str, payload: object) -> None:
-    """Replace weights.pt and update the hash, so only the content check can refuse it."""
+    """Make the checkpoint a format-1 one (``weights.pt``, a torch file) holding ``payload``, with
+    its hash updated, so only the content check can refuse it."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
+    Path(path, "weights.safetensors").unlink()
     Path(path, "weights.pt").write_bytes(data)
     meta = json.loads(Path(path, "metadata.json").read_text())
     meta["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    meta["format_version"] = 1
     Path(path, "metadata.json").write_text(json.dumps(meta))
 
 
@@ -75,11 +78,53 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path))
 
 
+def test_weights_are_safetensors_with_provenance_in_the_metadata(tmp_path):
+    """The weights file is plain safetensors (any safetensors reader gets the tensors) and the
+    metadata records architecture, classes, preprocessing, provenance and the file's hash."""
+    from safetensors.torch import load_file
+
+    path, model = saved(tmp_path)
+    tensors = load_file(str(Path(path, "weights.safetensors")))
+    assert tensors.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+    meta = json.loads(Path(path, "metadata.json").read_text())
+    assert meta["format_version"] == 2 and meta["architecture"] == "digits_cnn" and meta["class_names"][0] == "0"
+    assert meta["mean"] == [0.3] and meta["std"] == [0.4] and meta["input_shape"] == [1, 8, 8]
+    assert meta["weights_sha256"] == hashlib.sha256(Path(path, "weights.safetensors").read_bytes()).hexdigest()
+    assert meta["provenance"]["torch"] == torch.__version__.split("+")[0]
+    assert meta["provenance"]["ray_aekd"] == __version__
+    assert not Path(path, "weights.pt").exists()
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """A checkpoint written before safetensors (weights.pt, format_version 1) loads as before."""
+    path, model = saved(tmp_path)
+    rewrite_weights(path, model.state_dict())
+    loaded, meta = load_checkpoint(path)
+    assert meta.format_version == 1 and meta.weights_file == "weights.pt"
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_truncated_weights_are_refused(tmp_path):
     path, _ = saved(tmp_path)
-    weights = Path(path, "weights.pt")
+    weights = Path(path, "weights.safetensors")
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="does not match the hash"):
+    with pytest.raises(CheckpointError, match="weights.safetensors does not match the hash"):
+        load_checkpoint(path)
+
+
+def test_a_damaged_safetensors_header_is_refused(tmp_path):
+    """Hash updated to match: only the parser can tell the file is not safetensors."""
+    path, _ = saved(tmp_path)
+    weights = Path(path, "weights.safetensors")
+    data = b"\xff" * 16 + weights.read_bytes()[16:]
+    weights.write_bytes(data)
+    meta = json.loads(Path(path, "metadata.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    Path(path, "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="weights.safetensors is not a readable safetensors file"):
         load_checkpoint(path)
 
 

@@ -1,11 +1,16 @@
 """Safe checkpoints for teachers and students: tensors plus a JSON of metadata.
 
-A checkpoint is a directory (local path or any fsspec URL: ``s3://``, ``gs://``, ...)
-holding ``weights.pt``, a ``state_dict`` of tensors only, read back with
-``torch.load(weights_only=True)`` so that loading never runs code, and ``metadata.json``:
-format, architecture, number of classes, class names, input shape and normalisation,
-dataset, metrics, seed, package version, and the SHA-256 of ``weights.pt`` so that a
-truncated or swapped file is refused before it is parsed.
+A checkpoint is a directory (local path or any fsspec URL: ``s3://``, ``gs://``, ...) holding
+
+- ``weights.safetensors``: the ``state_dict`` in the safetensors format (tensors only, readable
+  by any safetensors library; loading never runs code), and
+- ``metadata.json``: format and version, architecture, number of classes, class names, input
+  shape and normalisation (the preprocessing), dataset, metrics, seed, package version,
+  provenance (library versions, git commit) and the SHA-256 of the weights file, so that a
+  truncated or swapped file is refused before it is parsed.
+
+Checkpoints of format version 1 (``weights.pt``, a torch file of tensors read with
+``torch.load(weights_only=True)``) still load; ``save_checkpoint`` writes version 2.
 """
 
 from __future__ import annotations
@@ -16,18 +21,29 @@ import json
 import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import fsspec
+import safetensors.torch
 import torch
 from torch import nn
 
 from ray_aekd.models.registry import build_model
 
-__all__ = ["CheckpointError", "CheckpointMetadata", "load_checkpoint", "read_metadata", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointMetadata",
+    "load_checkpoint",
+    "read_metadata",
+    "read_state_dict",
+    "save_checkpoint",
+]
 
 FORMAT = "ray_aekd.checkpoint"
-FORMAT_VERSION = 1
-WEIGHTS, METADATA = "weights.pt", "metadata.json"
+FORMAT_VERSION = 2
+#: The weights file of each format version this version reads.
+WEIGHTS_FILES = {1: "weights.pt", 2: "weights.safetensors"}
+WEIGHTS, METADATA = WEIGHTS_FILES[FORMAT_VERSION], "metadata.json"
 
 
 class CheckpointError(ValueError):
@@ -47,24 +63,36 @@ class CheckpointMetadata:
     metrics: dict[str, float] = field(default_factory=dict)
     package_version: str = ""
     weights_sha256: str = ""
+    provenance: dict[str, str | None] = field(default_factory=dict)  # library versions, git commit (see provenance)
+    format_version: int = FORMAT_VERSION  # 1: weights.pt (torch), 2: weights.safetensors
+
+    @property
+    def weights_file(self) -> str:
+        return WEIGHTS_FILES[self.format_version]
 
 
 def save_checkpoint(path: str, model: nn.Module, metadata: CheckpointMetadata) -> CheckpointMetadata:
-    """Write ``model``'s state dict and ``metadata`` under ``path``; returns the metadata as
-    written (with the package version and the weights' hash filled in)."""
+    """Write ``model``'s state dict (safetensors) and ``metadata`` under ``path``; returns the
+    metadata as written (package version, provenance and the weights' hash filled in)."""
     from ray_aekd import __version__
+    from ray_aekd.provenance import environment
 
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    data = buffer.getvalue()
-    fields = asdict(metadata) | {"package_version": __version__, "weights_sha256": hashlib.sha256(data).hexdigest()}
+    # safetensors refuses tensors that share memory (tied weights): each is written on its own
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    data = safetensors.torch.save(state, metadata={"format": FORMAT, "architecture": metadata.architecture})
+    fields = asdict(metadata) | {
+        "package_version": __version__,
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+        "provenance": metadata.provenance or dict(environment()),
+        "format_version": FORMAT_VERSION,
+    }
     written = CheckpointMetadata(**fields)
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{WEIGHTS}", "wb") as f:
         f.write(data)
     with fs.open(f"{root}/{METADATA}", "w") as f:
-        json.dump({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(written)}, f, indent=2)
+        json.dump({"format": FORMAT, **asdict(written)}, f, indent=2)
     return written
 
 
@@ -82,11 +110,12 @@ def read_metadata(path: str) -> CheckpointMetadata:
         raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {METADATA} is not valid JSON ({error}).") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ray_aekd checkpoint ({METADATA} has no format {FORMAT!r}).")
-    if raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("format_version") not in WEIGHTS_FILES:
         raise CheckpointError(
-            f"{path}: checkpoint format version {raw.get('format_version')!r}; this version reads {FORMAT_VERSION}."
+            f"{path}: checkpoint format version {raw.get('format_version')!r}; this version reads "
+            f"{', '.join(map(str, WEIGHTS_FILES))}."
         )
-    raw = {k: v for k, v in raw.items() if k not in ("format", "format_version")}
+    raw = {k: v for k, v in raw.items() if k != "format"}
     try:
         meta = CheckpointMetadata(**raw)
     except TypeError as error:
@@ -123,6 +152,10 @@ def _check_fields(path: str, meta: CheckpointMetadata) -> None:
         ("std", lambda: numbers(meta.std) and len(meta.std) in (1, channels) and all(s > 0 for s in meta.std),
          "one number > 0, or one per channel"),
         ("weights_sha256", lambda: isinstance(meta.weights_sha256, str), "a hex string"),
+        ("class_names", lambda: isinstance(meta.class_names, list | tuple)
+         and all(isinstance(c, str) for c in meta.class_names)
+         and len(meta.class_names) in (0, meta.num_classes), "a list of num_classes strings, or []"),
+        ("provenance", lambda: isinstance(meta.provenance, dict), "a mapping"),
     ]  # fmt: skip
     for name, ok, allowed in checks:
         if not ok():
@@ -170,6 +203,36 @@ def _misfit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -
     return "; ".join(parts)
 
 
+def read_state_dict(
+    data: bytes, filename: str, where: str, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file's bytes: safetensors (by the ``.safetensors`` suffix) or a
+    torch file read with ``weights_only=True`` (nothing is unpickled but tensors and plain
+    containers). ``where`` names the file's owner in errors."""
+    if filename.endswith(".safetensors"):
+        try:
+            state: Any = safetensors.torch.load(data)
+        except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+            raise CheckpointError(
+                f"{where} is damaged: {filename} is not a readable safetensors file ({_one_line(str(error))})."
+            ) from None
+        return {k: v.to(map_location) for k, v in state.items()}
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{where} is unsafe: {filename} holds more than tensors and is refused (nothing was unpickled; "
+            f"{_unpickling_detail(error)})."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(
+            f"{where} is damaged: {filename} is not a readable torch file ({_one_line(str(error))})."
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: {filename} holds a {type(state).__name__}, not a state dict of tensors.")
+    return state
+
+
 def load_checkpoint(
     path: str,
     expect_num_classes: int | None = None,
@@ -196,30 +259,21 @@ def load_checkpoint(
             f"{path} expects input shape {list(meta.input_shape)}, but the data has {list(expect_input_shape)}."
         )
     fs, root = fsspec.core.url_to_fs(path)
-    weights_path = f"{root}/{WEIGHTS}"
+    weights_file = meta.weights_file
+    weights_path = f"{root}/{weights_file}"
     if not fs.exists(weights_path):
-        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {WEIGHTS} is missing.")
+        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {weights_file} is missing.")
     with fs.open(weights_path, "rb") as f:
         data = f.read()
     digest = hashlib.sha256(data).hexdigest()
     if digest != meta.weights_sha256:
         raise CheckpointError(
-            f"{path} is damaged: {WEIGHTS} does not match the hash in {METADATA} (truncated or altered; "
+            f"{path} is damaged: {weights_file} does not match the hash in {METADATA} (truncated or altered; "
             f"{len(data)} bytes, sha256 {digest[:12]}..., expected {meta.weights_sha256[:12]}...)."
         )
-    try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} is unsafe: {WEIGHTS} holds more than tensors and is refused (nothing was unpickled; "
-            f"{_unpickling_detail(error)})."
-        ) from None
-    except (RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is damaged: {WEIGHTS} is not a readable torch file ({_one_line(str(error))})."
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {WEIGHTS} is not a state dict of tensors.")
+    state = read_state_dict(data, weights_file, path, map_location)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a ray_aekd checkpoint: {weights_file} is not a state dict of tensors.")
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
         which = f"its tensor {non_finite[0]!r} holds" if len(non_finite) == 1 else f"{len(non_finite)} tensors hold"

@@ -1,6 +1,7 @@
-"""Model registry: every network a config can name, plus any torchvision classifier.
+"""Model registry: every network a config can name, plus any torchvision or timm classifier.
 
-``build_model("resnet20", num_classes=100)`` or ``build_model("torchvision:resnet18", 10)``.
+``build_model("resnet20", num_classes=100)``, ``build_model("torchvision:resnet18", 10)`` or
+``build_model("timm:resnet18", 10)`` (timm is an optional extra: ``pip install "ray-aekd[timm]"``).
 Each registered model has a default hint layer (a named submodule whose output FitNet-style
 hints use) and its native input size. ``forward_with_feature`` returns logits and the output
 of any named submodule, for any model, through a forward hook.
@@ -21,6 +22,7 @@ from ray_aekd.models.digits_nets import DigitsCNN, DigitsMLP
 __all__ = ["ModelSpec", "build_model", "forward_with_feature", "model_names", "model_spec", "register_model"]
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,10 @@ def register_model(spec: ModelSpec) -> None:
     """Add a model to the registry; a name that exists already is an error."""
     if spec.name in _REGISTRY:
         raise ValueError(f"A model named {spec.name!r} is registered already.")
-    if spec.name.startswith(TORCHVISION_PREFIX):
-        raise ValueError(f"Model names starting with {TORCHVISION_PREFIX!r} are reserved for torchvision models.")
+    if spec.name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        raise ValueError(
+            f"Model names starting with {TORCHVISION_PREFIX!r} or {TIMM_PREFIX!r} are reserved for those libraries."
+        )
     _REGISTRY[spec.name] = spec
 
 
@@ -61,10 +65,13 @@ def model_spec(name: str) -> ModelSpec:
     """The spec of a registered or torchvision model; unknown names list the valid ones."""
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_spec(name)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_spec(name)
     if name not in _REGISTRY:
         raise ValueError(
             f"Unknown model {name!r}. Valid models: {', '.join(_REGISTRY)}, or "
-            f"'{TORCHVISION_PREFIX}<name>' for any torchvision classification model."
+            f"'{TORCHVISION_PREFIX}<name>' for any torchvision classification model, or '{TIMM_PREFIX}<name>' for any "
+            "timm model."
         )
     return _REGISTRY[name]
 
@@ -118,6 +125,26 @@ def _torchvision_spec(name: str) -> ModelSpec:
         if in_channels != 3:
             raise ValueError(f"torchvision models take 3 input channels; got in_channels = {in_channels}.")
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+    return ModelSpec(name=name, build=build, hint_layer=None, input_size=224)
+
+
+def _timm_spec(name: str) -> ModelSpec:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(
+            f"{name!r} needs timm, which is not installed; install the extra: pip install \"ray-aekd[timm]\" "
+            "(or pip install -e \".[timm]\" in a checkout)."
+        ) from None
+    arch = name[len(TIMM_PREFIX) :]
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch}*")[:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ValueError(f"Unknown timm model {arch!r} (timm.list_models() names the {len(timm.list_models())}).{hint}")
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
     return ModelSpec(name=name, build=build, hint_layer=None, input_size=224)
 
