@@ -91,6 +91,81 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--tracking-uri: MLflow at {uri} failed ({str(error).splitlines()[0]}).") from None
     print(format_table(rows, args.tracking_uri, args.experiment, args.sweep))
     print(f"plot: {plot}; table: {plot.with_name('compare.csv')}")
+    if args.promote is not None:
+        from ray_aekd.compare import promote
+
+        name, version, best = promote(rows, args.tracking_uri, args.promote)
+        print(
+            f"promoted: registered model {name!r} version {version} (run {best.name!r}, {best.run_id}, val/acc1 "
+            f"{best.acc1:.4f}) is now models:/{name}@{args.promote}; serve it with "
+            f"`mlflow models serve -m models:/{name}@{args.promote} --env-manager local`"
+        )
+    return 0
+
+
+def _preprocess_args(args: argparse.Namespace):
+    """``--mean/--std/--size`` as a declared preprocessing, or None (the model's default)."""
+    if args.mean is None and args.std is None and args.size is None:
+        return None
+    from ray_aekd.models.preprocess import Preprocess
+
+    if args.mean is None or args.std is None:
+        raise ValueError("--mean/--std: give both (per-channel numbers, e.g. --mean 0.485,0.456,0.406), or neither.")
+    values = []
+    for flag, text in (("--mean", args.mean), ("--std", args.std)):
+        try:
+            values.append(tuple(float(v) for v in text.split(",")))
+        except ValueError:
+            raise ValueError(f"{flag}: got {text!r}; allowed: comma-separated numbers, e.g. 0.5,0.5,0.5.") from None
+    if not all(v > 0 for v in values[1]):
+        raise ValueError(f"--std: got {args.std!r}; allowed: numbers > 0.")
+    return Preprocess(values[0], values[1], args.size)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from ray_aekd.evaluate import evaluate_model, format_evaluation, open_eval_data, parse_model
+
+    source = parse_model(args.model, args.arch, _preprocess_args(args))
+    data = open_eval_data(args.data, size=args.image_size)
+    track = args.tracking_uri is not None or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    result = evaluate_model(
+        source, data, batch_size=args.batch_size, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        track=track, log=(lambda _line: None) if args.json else print,
+    )  # fmt: skip
+    if args.predictions:
+        _write_predictions(args.predictions, data, result.predictions)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(format_evaluation(result))
+    return 0
+
+
+def _write_predictions(path: str, data, predictions: list[int]) -> None:
+    import csv
+
+    names = data.source.class_names
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "label", "predicted"])
+        for index, predicted in zip(data.indices.tolist(), predictions, strict=True):
+            writer.writerow([index, names[data.source[index][1]], names[predicted]])
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ray_aekd.evaluate import export_model, open_eval_data, parse_model
+
+    source = parse_model(args.model, args.arch, _preprocess_args(args))
+    data = open_eval_data(args.data, size=args.image_size) if args.data else None
+    path, meta = export_model(source, args.output, data)
+    shape = "x".join(map(str, meta["input_shape"]))
+    print(
+        f"exported {source.describe()} to {path}: a torch.export program, float32 [N, {shape.replace('x', ', ')}] "
+        f"images in [0, 1] -> logits [N, {len(meta['class_names'])}], preprocessing inside "
+        f"({meta['preprocess']}); load with torch.export.load({str(path)!r}).module()"
+    )
     return 0
 
 
@@ -199,7 +274,63 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
     )
     compare.add_argument("--output-dir", default=".", help="where compare.csv and compare.png go (default .)")
+    compare.add_argument(
+        "--promote",
+        nargs="?",
+        const="champion",
+        metavar="ALIAS",
+        help="set this registry alias (default champion) on the best finished run's registered model version",
+    )
     compare.set_defaults(run=_compare)
+
+    model_help = (
+        "the model: a checkpoint folder, weights (.pt/.pth/.safetensors) with --arch, an exported program (.pt2), "
+        "a TorchScript file (torchscript:FILE), an MLflow model (models:/NAME@ALIAS, models:/MODEL_ID, "
+        "runs:/RUN_ID/PATH, or a local folder)"
+    )
+
+    def model_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, help=model_help)
+        parser.add_argument("--arch", help="with a weights file: its architecture (registry name, torchvision:, timm:)")
+        parser.add_argument("--mean", help="the model's input mean, per channel (e.g. 0.485,0.456,0.406)")
+        parser.add_argument("--std", help="the model's input std, per channel")
+        parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE for the model")
+        parser.add_argument("--image-size", type=int, help="imagefolder data: resize images to this size when read")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score any model (checkpoint, weights, .pt2, TorchScript, MLflow) on a held-out set",
+        description="Print acc@1, acc@5, ECE, NLL and per-class accuracy of a model on a held-out set. With a tracking "
+        "URI (--tracking-uri or MLFLOW_TRACKING_URI) also log an evaluation run with a confusion matrix and a "
+        "reliability diagram.",
+    )
+    model_args(evaluate)
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="digits (its held-out split), cifar10:ROOT or cifar100:ROOT (test split), imagefolder:DIR, config:FILE",
+    )
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    evaluate.add_argument("--predictions", metavar="CSV", help="also write each sample's label and prediction")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--tracking-uri", help="log an evaluation run to this MLflow store")
+    evaluate.add_argument("--experiment", default="ray-aekd-eval", help="MLflow experiment (default ray-aekd-eval)")
+    evaluate.set_defaults(run=_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a model as a torch.export program that takes [0, 1] images (preprocessing inside)",
+        description="Write any model a teacher can be as a torch.export program (.pt2) with a dynamic batch "
+        "dimension and its preprocessing inside: float32 [N, C, H, W] images in [0, 1] -> logits [N, K]. Class "
+        "names and input shape travel inside the file.",
+    )
+    model_args(export)
+    export.add_argument("--format", choices=("pt2",), default="pt2", help="output format (pt2: torch.export)")
+    export.add_argument("--output", required=True, help="the .pt2 file to write")
+    export.add_argument(
+        "--data", help="the data the model is for (as evaluate's --data); needed unless --model is a checkpoint"
+    )
+    export.set_defaults(run=_export)
 
     upload = commands.add_parser(
         "upload",

@@ -39,6 +39,7 @@ __all__ = [
     "format_table",
     "plot_comparison",
     "plot_metric_against",
+    "promote",
     "rank_runs",
     "write_csv",
 ]
@@ -429,3 +430,29 @@ def _save(fig, plt, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps a legend outside the axes in the file
     plt.close(fig)
     return path
+
+
+def promote(
+    rows: Sequence[RunRow], tracking_uri: str | None = None, alias: str = "champion"
+) -> tuple[str, str, RunRow]:
+    """Set registry alias ``alias`` on the registered model version of the best finished run
+    in ``rows`` (ranked); returns ``(model name, version, row)``.
+
+    Raises:
+        ValueError: no finished run, or the best one has no registered model version (distil
+            with ``tracking.register_model`` set to register it).
+    """
+    finished = [r for r in rows if r.status == "FINISHED"]
+    if not finished:
+        raise ValueError("--promote: none of the runs has finished; allowed: a comparison with a FINISHED run.")
+    best = finished[0]
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    versions = client.search_model_versions(f"run_id = '{best.run_id}'")
+    if not versions:
+        raise ValueError(
+            f"--promote: the best run {best.name!r} ({best.run_id}) has no registered model version; allowed: a best "
+            "run whose student was registered (distil with --set tracking.register_model=NAME)."
+        )
+    version = max(versions, key=lambda v: int(v.version))
+    client.set_registered_model_alias(version.name, alias, version.version)
+    return version.name, str(version.version), best

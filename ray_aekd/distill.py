@@ -18,6 +18,7 @@ checkpoint; a worker-group failure resumes too, up to ``workers.max_failures`` t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -53,10 +54,12 @@ from ray_aekd.tracking import (
     RUN_ID_FILE,
     TRACKING_FAILED_FILE,
     TRACKING_URI_FILE,
+    dataset_input,
     experiment_id,
     limit_mlflow_retries,
     open_store,
     resolve_tracking_uri,
+    system_tags,
 )
 from ray_aekd.train import STOPPED_FILE, train_loop
 
@@ -137,6 +140,7 @@ def _open_run(
     log: Callable[[str], None],
     resuming: bool,
     trial: TrialHooks | None = None,
+    dataset: Any = None,
 ) -> tuple[str, str | None]:
     """Create (or reopen, when resuming) the run's MLflow run; ``None`` if MLflow is unreachable."""
     uri = resolve_tracking_uri(config.tracking.uri)
@@ -152,12 +156,16 @@ def _open_run(
         run = client.create_run(
             experiment_id(client, config.tracking.experiment),
             run_name=config.name,
-            tags={"ray_aekd.strategy": config.distill.strategy, "ray_aekd.run_dir": str(run_dir)}
-            | environment_tags()
-            | (trial.tags if trial else {})
-            | ({"mlflow.parentRunId": trial.parent_run_id} if trial and trial.parent_run_id else {}),
+            tags=system_tags(
+                {"ray_aekd.strategy": config.distill.strategy, "ray_aekd.run_dir": str(run_dir)}
+                | environment_tags()
+                | (trial.tags if trial else {})
+                | ({"mlflow.parentRunId": trial.parent_run_id} if trial and trial.parent_run_id else {})
+            ),
         )
         run_id = run.info.run_id
+        if dataset is not None:
+            client.log_inputs(run_id, datasets=[dataset])
         values = flatten(config) | (trial.params if trial else {})
         params = [Param(k, str(v)[:6000]) for k, v in values.items()]
         for i in range(0, len(params), 100):
@@ -259,7 +267,8 @@ def distill(
         + "  ".join(f"{n} {a:.4f}" for n, a in teacher_acc.items())
         + f"   ensemble {ensemble_acc:.4f}"
     )
-    uri, run_id = _open_run(config, run_dir, teacher_acc, ensemble_acc, log, resuming, trial)
+    dataset = training_dataset(config, source, train_idx, val_idx)
+    uri, run_id = _open_run(config, run_dir, teacher_acc, ensemble_acc, log, resuming, trial, dataset)
     if run_id:
         log(f"MLflow: {uri}, experiment {config.tracking.experiment!r}, run {run_id}")
     # a seeded permutation: splits (and image folders) are sorted, often by class, and the
@@ -360,6 +369,26 @@ def distill(
     (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     log(format_result(result))
     return result
+
+
+def training_dataset(config: DistillConfig, source: Any, train_idx: torch.Tensor, val_idx: torch.Tensor) -> Any:
+    """The run's data as an MLflow dataset input: where it is, and a digest of the source and
+    the split (two runs with the same digest read the same samples)."""
+    data = config.data
+    where = data.path or ("sklearn.datasets.load_digits" if data.dataset == "digits" else data.dataset)
+    facts = {
+        "dataset": data.dataset,
+        "path": data.path,
+        "image_size": data.image_size,
+        "samples": len(source),
+        "classes": list(source.class_names),
+    }
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+    for indices in (train_idx, val_idx):
+        digest.update(indices.sort().values.numpy().astype("int64").tobytes())
+    profile = {"train_samples": len(train_idx), "val_samples": len(val_idx), "num_classes": source.num_classes,
+               "input_shape": list(source.input_shape)}  # fmt: skip
+    return dataset_input(data.dataset, digest.hexdigest()[:16], where, "training", profile)
 
 
 _RESOURCE_HINT = "lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors"

@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["ECE_BINS", "SUMS_LENGTH", "ensemble_probabilities", "validation_metrics", "validation_sums"]
+__all__ = [
+    "ECE_BINS",
+    "SUMS_LENGTH",
+    "calibration_bins",
+    "ensemble_probabilities",
+    "validation_metrics",
+    "validation_sums",
+]
 
 ECE_BINS = 15
 _FIXED = 5  # count, loss, top-1, top-5, agreement; then 3 sums per ECE bin
@@ -85,3 +92,12 @@ def validation_metrics(sums: torch.Tensor, prefix: str = "val/") -> dict[str, fl
         f"{prefix}agreement": float(values[4]) / count,
         f"{prefix}ece": ece,
     }
+
+
+def calibration_bins(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per confidence bin of summed ``validation_sums``: ``(samples, mean confidence, accuracy)``,
+    each float64 ``[ECE_BINS]`` (0 where a bin is empty), for a reliability diagram."""
+    per_bin = sums.cpu().double()[_FIXED:].view(3, ECE_BINS)
+    count = per_bin[0]
+    safe = count.clamp_min(1)
+    return count, torch.where(count > 0, per_bin[1] / safe, 0), torch.where(count > 0, per_bin[2] / safe, 0)

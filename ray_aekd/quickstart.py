@@ -87,7 +87,7 @@ def _reusable_teachers(config: TeachersConfig) -> dict[str, Any] | None:
         return None
     if saved != json.loads(json.dumps(dataclasses.asdict(config))):
         return None
-    if not all((folder / t["name"] / "weights.pt").exists() for t in TEACHERS):
+    if not all((folder / t["name"] / "metadata.json").exists() for t in TEACHERS):
         return None
     return summary
 

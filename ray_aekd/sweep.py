@@ -42,7 +42,7 @@ from ray_aekd.provenance import environment_tags
 from ray_aekd.session import check_shared, connect
 from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
 from ray_aekd.sweep_space import TOLERANCE_FRACTION, Dimension, SweepConfig, apply_values, load_sweep, parse_space
-from ray_aekd.tracking import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri
+from ray_aekd.tracking import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri, system_tags
 
 __all__ = ["SweepResult", "run_sweep", "sweep_from_file"]
 
@@ -365,7 +365,7 @@ def _open_parent(sweep: SweepConfig, config: DistillConfig, uri: str, log: Calla
         run = client.create_run(
             experiment_id(client, config.tracking.experiment),
             run_name=sweep.name,
-            tags={SWEEP_TAG: "true"} | environment_tags(),
+            tags=system_tags({SWEEP_TAG: "true"} | environment_tags()),
         )
         values = {f"sweep.{k}": v for k, v in flatten(sweep).items() if not k.startswith(("space", "overrides"))}
         values |= {f"space.{k}": json.dumps(v) for k, v in sweep.space.items()}

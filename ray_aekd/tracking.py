@@ -25,7 +25,10 @@ __all__ = [
     "RUN_ID_FILE",
     "TRACKING_FAILED_FILE",
     "TRACKING_URI_FILE",
+    "dataset_input",
     "download_model",
+    "model_signature",
+    "system_tags",
     "log_student_model",
     "open_store",
     "experiment_id",
@@ -160,20 +163,88 @@ class RunLogger:
             lambda: self._client.log_artifact(self.run_id, local_path, artifact_path),  # type: ignore[union-attr]
         )
 
-    def log_model(self, model: Any, name: str, input_example: Any, registered_model_name: str | None = None) -> None:
-        """Log ``model`` as an MLflow PyTorch model (MLflow 3's default ``pt2`` format, a
-        ``torch.export`` graph traced on ``input_example``: no pickled Python objects)."""
+    def log_model(
+        self,
+        model: Any,
+        name: str,
+        input_example: Any,
+        registered_model_name: str | None = None,
+        signature: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Log ``model`` as an MLflow PyTorch model (``pt2``, a ``torch.export`` graph traced on
+        ``input_example``: no pickled Python objects)."""
 
         self._call(
             "the model",
-            lambda: log_student_model(self.uri, self.run_id, model, name, input_example, registered_model_name),  # type: ignore[arg-type]
+            lambda: log_student_model(
+                self.uri, self.run_id, model, name, input_example, registered_model_name, signature, metadata  # type: ignore[arg-type]
+            ),
         )
 
 
+def system_tags(tags: dict[str, str] | None = None) -> dict[str, str]:
+    """``tags`` plus the system tags MLflow's fluent API sets and a client-created run lacks:
+    ``mlflow.user``, ``mlflow.source.name``/``type`` (MLflow's own context providers) and
+    ``mlflow.source.git.commit`` (the ray_aekd checkout's commit, when it is one)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from ray_aekd.provenance import environment
+
+    out = resolve_tags(dict(tags or {}))
+    commit = environment().get("git_commit")
+    if commit and "mlflow.source.git.commit" not in out:
+        out["mlflow.source.git.commit"] = commit
+    return {k: str(v) for k, v in out.items()}
+
+
+def dataset_input(name: str, digest: str, source: str, context: str, profile: dict[str, Any]) -> Any:
+    """An MLflow dataset input (``client.log_inputs``): the data a run read, with its digest.
+
+    Args:
+        name: e.g. ``digits`` or ``imagefolder``.
+        digest: a short hash of what was read (source, split indices).
+        source: where the data lives (a path, or ``sklearn.datasets.load_digits``).
+        context: ``training`` or ``evaluation`` (tag ``mlflow.data.context``).
+        profile: small JSON-able facts (samples, classes, split).
+    """
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
+        profile=json.dumps(profile),
+    )  # fmt: skip
+    return DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)])
+
+
+def model_signature(input_shape: tuple[int, ...] | list[int], num_classes: int) -> Any:
+    """MLflow signature of a classifier that takes ``[0, 1]`` images: float32 ``[-1, C, H, W]``
+    in, float32 logits ``[-1, K]`` out (-1: any batch size)."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        # unnamed: a named input is parsed into a dict when served, which the PyTorch flavor refuses
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
+
+
 def log_student_model(
-    uri: str, run_id: str, model: Any, name: str, input_example: Any, registered_model_name: str | None = None
+    uri: str,
+    run_id: str,
+    model: Any,
+    name: str,
+    input_example: Any,
+    registered_model_name: str | None = None,
+    signature: Any = None,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Log ``model`` to run ``run_id`` as an MLflow PyTorch model; raises what MLflow raises.
+    """Log ``model`` to run ``run_id`` as an MLflow PyTorch model (``pt2``: a ``torch.export``
+    graph, no pickled objects), with ``signature`` and ``metadata``; raises what MLflow raises.
 
     MLflow's model logging is fluent: it reads a process-wide tracking URI, which
     ``mlflow.set_tracking_uri`` also copies into ``MLFLOW_TRACKING_URI``. Both are put back
@@ -194,6 +265,9 @@ def log_student_model(
                 name=name,
                 registered_model_name=registered_model_name,
                 input_example=input_example,
+                signature=signature,
+                metadata=metadata,
+                serialization_format="pt2",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
     finally:

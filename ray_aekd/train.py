@@ -38,9 +38,11 @@ from ray_aekd.losses import HintRegressors
 from ray_aekd.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
 from ray_aekd.models import build_model
 from ray_aekd.models.checkpoint import CheckpointMetadata, save_checkpoint
+from ray_aekd.models.export import with_preprocess
+from ray_aekd.models.preprocess import Preprocess
 from ray_aekd.pipeline import feature_column, logits_column
 from ray_aekd.plots import plot_cosine_matrix, plot_weights
-from ray_aekd.tracking import RunLogger, limit_mlflow_retries
+from ray_aekd.tracking import RunLogger, limit_mlflow_retries, model_signature
 from ray_aekd.weighting import NonFiniteLogitsError
 
 __all__ = ["STATE_FILE", "STOPPED_FILE", "train_loop"]
@@ -316,7 +318,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logger.log_metrics(metrics, step=epoch + 1)
 
     if rank == 0 and not (run_dir / DONE_FILE).exists():
-        _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger)
+        _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger, val_shard)
 
 
 def _say(line: str) -> None:
@@ -343,6 +345,7 @@ def _finish(
     run_dir: Path,
     cosine: torch.Tensor,
     logger: RunLogger,
+    val_shard: Any,
 ) -> None:
     """Rank 0, after the last epoch: export the student, write the plots, log artifacts."""
     names = [t.name for t in config.teachers]
@@ -377,6 +380,12 @@ def _finish(
     for name in ("metrics.jsonl", "cosine.json", "config.json", "environment.json"):
         if (run_dir / name).exists():
             logger.log_artifact(str(run_dir / name))
-    example = np.zeros((2, *info["input_shape"]), dtype=np.float32)
-    logger.log_model(student.eval(), "student", example, config.tracking.register_model)
+    # the MLflow model takes [0, 1] images (preprocessing inside); its input example is real validation images
+    wrapped, metadata = with_preprocess(
+        student.eval(), Preprocess(tuple(info["mean"]), tuple(info["std"])), info["class_names"],
+        info["input_shape"], config.data.dataset,
+    )  # fmt: skip
+    example = (next(iter(val_shard.iter_torch_batches(batch_size=4)))["image"].float() / 255.0).numpy()
+    signature = model_signature(info["input_shape"], info["num_classes"])
+    logger.log_model(wrapped, "student", example, config.tracking.register_model, signature, metadata)
     (run_dir / DONE_FILE).write_text("finished\n")  # last: a failure above is redone on resume

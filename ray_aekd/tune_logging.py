@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from ray_aekd.provenance import environment_tags
-from ray_aekd.tracking import experiment_id, resolve_tracking_uri
+from ray_aekd.tracking import experiment_id, resolve_tracking_uri, system_tags
 
 __all__ = ["MlflowTrialLogger"]
 
@@ -36,7 +36,7 @@ class MlflowTrialLogger(Callback):
         self._client = MlflowClient(self.uri)
         self._experiment_id = experiment_id(self._client, experiment)
         self._run_name, self._params, self._artifact_dir = run_name, params, artifact_dir
-        self._tags = (tags or {}) | environment_tags()
+        self._tags = system_tags((tags or {}) | environment_tags())
         self._runs: dict[str, str] = {}  # trial id -> run id
         self.run_ids: dict[str, str] = {}  # run name -> run id
 

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.models.checkpoint import load_checkpoint
+from ray_aekd.models.export import with_preprocess
+from ray_aekd.models.preprocess import Preprocess
 from ray_aekd.provenance import environment_tags
 from ray_aekd.tracking import (
     RUN_ID_FILE,
@@ -29,7 +32,9 @@ from ray_aekd.tracking import (
     TRACKING_URI_FILE,
     experiment_id,
     log_student_model,
+    model_signature,
     resolve_tracking_uri,
+    system_tags,
 )
 
 __all__ = ["upload"]
@@ -61,6 +66,20 @@ def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[
         ) from None
 
 
+def _example_images(saved: dict[str, Any], shape: tuple[int, ...], log: Callable[[str], None]) -> np.ndarray:
+    """Four images of the run's data in [0, 1] (the model's input example), or, where the data
+    cannot be opened here, four uniform random images of its shape (said on the console)."""
+    from ray_aekd.data import open_source
+
+    try:
+        source = open_source(saved["data.dataset"], saved.get("data.path"), size=saved.get("data.image_size"))
+        images = torch.stack([source[i][0] for i in range(min(4, len(source)))])
+        return (images.float() / 255.0).numpy()
+    except (ValueError, OSError, KeyError) as error:
+        log(f"upload: the run's data cannot be opened here ({error}); the model's input example is random images")
+        return np.random.default_rng(0).random((4, *shape), dtype=np.float32)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -79,12 +98,14 @@ def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str],
         run = client.create_run(
             experiment_id(client, saved.get("tracking.experiment", "ray-aekd")),
             run_name=saved.get("name", run_dir.name),
-            tags={
-                "ray_aekd.strategy": str(saved.get("distill.strategy")),
-                "ray_aekd.run_dir": str(run_dir),
-                "ray_aekd.uploaded": "true",
-            }
-            | environment_tags(_read_json(run_dir / "environment.json")),
+            tags=system_tags(
+                {
+                    "ray_aekd.strategy": str(saved.get("distill.strategy")),
+                    "ray_aekd.run_dir": str(run_dir),
+                    "ray_aekd.uploaded": "true",
+                }
+                | environment_tags(_read_json(run_dir / "environment.json"))
+            ),
         )
         run_id = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in saved.items() if not k.startswith("__")]
@@ -121,8 +142,13 @@ def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str],
             if (run_dir / name).is_file():
                 client.log_artifact(run_id, str(run_dir / name))
         model, meta = load_checkpoint(str(student))
-        example = np.zeros((2, *meta.input_shape), dtype=np.float32)
-        log_student_model(uri, run_id, model.eval(), "student", example, saved.get("tracking.register_model"))
+        wrapped, metadata = with_preprocess(model.eval(), Preprocess(meta.mean, meta.std), meta.class_names,
+                                            meta.input_shape, meta.dataset)  # fmt: skip
+        signature = model_signature(meta.input_shape, meta.num_classes)
+        example = _example_images(saved, meta.input_shape, log)
+        log_student_model(
+            uri, run_id, wrapped, "student", example, saved.get("tracking.register_model"), signature, metadata
+        )
         logged_files = True
     if result is not None:
         client.set_terminated(run_id, "FINISHED")

@@ -66,15 +66,16 @@ def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers,
         for folder in ("", "plots", "alpha", "checkpoint")
         for a in client.list_artifacts(run.info.run_id, folder)
     }
-    assert {"plots/weights.png", "plots/cosine.png", "alpha/rank0.csv", "checkpoint/weights.pt", "cosine.json",
+    assert {"plots/weights.png", "plots/cosine.png", "alpha/rank0.csv", "checkpoint/weights.safetensors", "cosine.json",
             "metrics.jsonl", "config.json"} <= artifacts  # fmt: skip
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert [m.source_run_id for m in models] == [run.info.run_id]
     assert [v.run_id for v in client.search_model_versions("name='smoke-student'")] == [run.info.run_id]
     # the MLflow model is the exported student
+    # the MLflow model takes [0, 1] images (its normalisation is inside it)
     x = normalize(source.images[val], source.mean, source.std)
     served = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
-    torch.testing.assert_close(served(x), student(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(served(source.images[val].float() / 255.0), student(x), rtol=1e-5, atol=1e-5)
     cosine = json.loads((run_dir / "cosine.json").read_text())["cosine"]
     assert all(cosine[i][i] == pytest.approx(1.0) for i in range(3)) and all(-1 <= c <= 1 for r in cosine for c in r)
 
@@ -112,7 +113,7 @@ def test_unreachable_mlflow_does_not_stop_training(local_ray, digits_teachers, t
     assert any("MLflow at http://127.0.0.1:9 is not reachable" in line for line in lines)
     saved = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert saved[-1]["epoch"] == 1 and saved[-1]["val/acc1"] == result.metrics["val/acc1"]
-    assert (Path(result.run_dir) / "student" / "weights.pt").exists()
+    assert (Path(result.run_dir) / "student" / "weights.safetensors").exists()
 
     # the server never saw the run: `ray-aekd upload` to a reachable store creates it there
     from ray_aekd.upload import upload

@@ -52,7 +52,7 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint(local_ray, digits_te
     assert steps == list(range(33))
     assert all(r["train/samples"] == r["train/distinct_samples"] == 1408 for r in rows)
     assert all(r["train/repeated_samples"] == 0 for r in rows)
-    assert (run_dir / "student" / "weights.pt").exists()
+    assert (run_dir / "student" / "weights.safetensors").exists()
 
 
 def test_a_killed_teacher_actor_is_restarted_and_no_sample_is_lost(local_ray, digits_teachers, tmp_path, monkeypatch):

@@ -45,4 +45,4 @@ def test_distill_runs_unchanged_as_a_ray_job(digits_teachers, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("ray-aekd-smoke").experiment_id])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("as-a-job", "FINISHED")]
     assert 0 < runs[0].data.metrics["val/acc1"] <= 1
-    assert (tmp_path / "out" / "as-a-job" / "student" / "weights.pt").exists()
+    assert (tmp_path / "out" / "as-a-job" / "student" / "weights.safetensors").exists()

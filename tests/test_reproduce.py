@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 
@@ -26,7 +27,7 @@ def run(teachers, tmp_path, name, workers):
     ]  # fmt: skip
     result = distill(load_config(DistillConfig, SMOKE, overrides), log=lambda line: None)
     run_dir = Path(result.run_dir)
-    weights = torch.load(run_dir / "student" / "weights.pt", weights_only=True)
+    weights = load_file(str(run_dir / "student" / "weights.safetensors"))
     alpha = (run_dir / "alpha" / "rank0.csv").read_text()
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return result, weights, alpha, epochs

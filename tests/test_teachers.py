@@ -46,7 +46,7 @@ def test_teachers_train_checkpoint_and_log(local_ray, tmp_path, monkeypatch):
         assert run.data.params["train.epochs"] == "2" and run.data.params["teacher.name"] == run.info.run_name
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [1, 2]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
-        assert artifacts == {"checkpoint/metadata.json", "checkpoint/weights.pt"}
+        assert artifacts == {"checkpoint/metadata.json", "checkpoint/weights.safetensors"}
         # the logged checkpoint loads straight from its MLflow URI
         _, meta = load_checkpoint(local_checkpoint_path(f"runs:/{run.info.run_id}/checkpoint"))
         assert meta.metrics["val/acc1"] == pytest.approx(result.teachers[run.info.run_name]["val/acc1"], abs=1e-6)
