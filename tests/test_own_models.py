@@ -92,7 +92,8 @@ def _teachers(models) -> str:
     return (
         f"teachers=[{{name: resnet, model: 'torchvision:resnet18', weights: '{models['weights']}', "
         f"preprocess: {{mean: {list(mean)}, std: {list(std)}, size: 32}}}}, "
-        f"{{name: cnn, exported: '{models['exported']}', preprocess: {{mean: [0.2, 0.2, 0.2], std: [0.35, 0.35, 0.35]}}}}]"
+        f"{{name: cnn, exported: '{models['exported']}', "
+        "preprocess: {mean: [0.2, 0.2, 0.2], std: [0.35, 0.35, 0.35]}}]"
     )
 
 
@@ -140,7 +141,7 @@ def test_own_teachers_distil_and_the_student_works_outside(local_ray, own_models
     assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 10], (-1, 10))
     assert info.metadata["class_names"] == [str(i) for i in range(10)] and info.metadata["preprocess_inside"]
     example = mlflow.models.Model.load(model_uri).load_input_example(mlflow.artifacts.download_artifacts(model_uri))
-    assert 0 <= float(np.min(example)) and float(np.max(example)) <= 1 and float(np.max(example)) > 0.5
+    assert float(np.min(example)) >= 0 and float(np.max(example)) <= 1 and float(np.max(example)) > 0.5
 
     # evaluate on the held-out folder, from the checkpoint and from the MLflow model: same numbers
     predictions = tmp_path / "predictions.csv"
@@ -247,8 +248,10 @@ def test_evaluate_refuses_a_model_for_other_classes(own_models, tmp_path, capsys
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "nowhere.pt2", "--data", "digits"], "--model: exported program nowhere.pt2: the file does not exist"),
-        (["--model", "w.pth", "--data", "digits"], "--model: got 'w.pth', a weights file; allowed: a weights file with --arch"),
+        (["--model", "nowhere.pt2", "--data", "digits"],
+         "--model: exported program nowhere.pt2: the file does not exist"),
+        (["--model", "w.pth", "--data", "digits"],
+         "--model: got 'w.pth', a weights file; allowed: a weights file with --arch"),
         (["--model", "x", "--data", "mnist"], "--data: got 'mnist'; allowed: digits, cifar10:ROOT"),
         (["--model", "x", "--data", "cifar10:/nowhere"], "--data: data.path: cifar10 was not found under"),
         (["--model", "x", "--data", "digits", "--mean", "0.5"], "--mean/--std: give both"),
