@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/ray_aekd_own_models")
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--student-epochs", type=int, default=10)
+    parser.add_argument("--resnet-lr", type=float, default=0.01, help="the resnet teacher's SGD learning rate")
     parser.add_argument("--json")
     args = parser.parse_args()
     root = Path(args.out)
@@ -54,7 +55,9 @@ def main() -> None:
     labels = torch.tensor([folder[i][1] for i in range(len(folder))])
 
     resnet_pre = Preprocess(*IMAGENET, size=32)
-    resnet = _train(build_model("torchvision:resnet18", 10), resnet_pre(images), labels, args.teacher_epochs, 0)
+    resnet = _train(
+        build_model("torchvision:resnet18", 10), resnet_pre(images), labels, args.teacher_epochs, 0, args.resnet_lr
+    )
     torch.save(resnet.state_dict(), root / "resnet18.pth")
     wrong = build_model("torchvision:resnet18", 5)
     torch.save(wrong.state_dict(), root / "resnet18_5classes.pth")
@@ -67,7 +70,8 @@ def main() -> None:
     teachers = (
         f"teachers=[{{name: resnet, model: 'torchvision:resnet18', weights: '{root / 'resnet18.pth'}', "
         f"preprocess: {{mean: {list(mean)}, std: {list(std)}, size: 32}}}}, "
-        f"{{name: cnn, exported: '{root / 'cnn.pt2'}', preprocess: {{mean: [0.2, 0.2, 0.2], std: [0.35, 0.35, 0.35]}}}}]"
+        f"{{name: cnn, exported: '{root / 'cnn.pt2'}', "
+        "preprocess: {mean: [0.2, 0.2, 0.2], std: [0.35, 0.35, 0.35]}}]"
     )
     overrides = [teachers, "name=own", f"output_dir={root / 'runs'}", "data.dataset=imagefolder",
                  f"data.path={train_dir}", "student.model=small_cnn8", f"train.epochs={args.student_epochs}",
@@ -86,11 +90,12 @@ def main() -> None:
     ray_aekd = str(Path(sys.executable).parent / "ray-aekd")
     yaml_file = root / "wrong.yaml"
     yaml_file.write_text(SMOKE.read_text())
+    wrong_teacher = f"[{{name: wrong, model: 'torchvision:resnet18', weights: '{root / 'resnet18_5classes.pth'}'}}]"
     started = time.perf_counter()
     proc = subprocess.run(
         [ray_aekd, "distill", "--config", str(yaml_file), "--set", "data.dataset=imagefolder", "--set",
          f"data.path={train_dir}", "--set", f"output_dir={root / 'runs'}", "--set", "student.model=small_cnn8",
-         "--set", f"teachers=[{{name: wrong, model: 'torchvision:resnet18', weights: '{root / 'resnet18_5classes.pth'}'}}]",
+         "--set", f"teachers={wrong_teacher}",
          "--set", "distill.strategy=average"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -129,6 +134,7 @@ def main() -> None:
         "wrong_classes_message": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
         "distill_seconds": result.seconds,
         "teacher_epochs": args.teacher_epochs,
+        "resnet_lr": args.resnet_lr,
         "student_epochs": args.student_epochs,
     }
     text = json.dumps(report, indent=2)

@@ -50,7 +50,9 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
             try:
                 path = download_model(path, target, resolve_tracking_uri(config.tracking.uri))
             except ValueError as error:
-                raise ValueError(f"{key}: {_sentence(error)}; allowed: {_ALLOWED[teacher.source_kind]}.") from None
+                raise ValueError(
+                    f"{key}: teacher {teacher.name!r}: {_sentence(error)}; allowed: {_ALLOWED[teacher.source_kind]}."
+                ) from None
         elif "://" not in path:
             path = str(Path(path).resolve())
         teachers.append(teacher.with_location(path))
@@ -102,14 +104,14 @@ def load_teacher(teacher: DistillTeacher, source: ImageSource, key: str) -> Load
         loaded = load_source(
             spec, num_classes=source.num_classes, in_channels=source.input_shape[0], default_preprocess=default
         )
-        check_on_batch(
-            loaded, sample_images(source), source.num_classes, f"teacher {teacher.name!r} ({spec.describe()})"
-        )
+        check_on_batch(loaded, sample_images(source), source.num_classes, spec.describe())
     except (ModelSourceError, OSError) as error:
-        raise ValueError(f"{key}: {_sentence(error)}; allowed: {_ALLOWED[spec.kind]}.") from None
+        raise ValueError(
+            f"{key}: teacher {teacher.name!r}: {_sentence(error)}; allowed: {_ALLOWED[spec.kind]}."
+        ) from None
     if loaded.class_names and tuple(loaded.class_names) != tuple(source.class_names):
         raise ValueError(
-            f"{key}: teacher {teacher.name!r} ({spec.describe()}) was trained on classes "
+            f"{key}: teacher {teacher.name!r}: {spec.describe()} was trained on classes "
             f"{_names(loaded.class_names)}, but the data has {_names(source.class_names)}; allowed: a teacher "
             "for the data's classes, in the same order."
         )
@@ -159,7 +161,9 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
             try:
                 meta = read_metadata(teacher.checkpoint)  # type: ignore[arg-type]
             except (CheckpointError, OSError) as error:
-                raise ValueError(f"{key}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}.") from None
+                raise ValueError(
+                    f"{key}: teacher {teacher.name!r}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}."
+                ) from None
             if meta.num_classes != source.num_classes or tuple(meta.input_shape) != source.input_shape:
                 raise ValueError(
                     f"{key}: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "

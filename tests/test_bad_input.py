@@ -100,6 +100,16 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         Image.new("RGB", (8, 8)).save(out["broken_image"] / label / "1.png")
     (out["broken_image"] / "cat" / "0.png").write_bytes(b"this is not a png")  # sorted first
     out["missing"] = root / "does_not_exist"
+    # teachers given as a state dict or an exported program
+    out["weights5"] = root / "digits_mlp_5_classes.pt"
+    torch.save(build_model("digits_mlp", 5, in_channels=1).state_dict(), out["weights5"])
+    fixed = torch.export.export(build_model("digits_mlp", 10, in_channels=1).eval(), (torch.zeros(2, 1, 8, 8),))
+    out["fixed_batch"] = root / "fixed_batch.pt2"
+    torch.export.save(fixed, str(out["fixed_batch"]))
+    rgb = torch.export.export(build_model("resnet8", 10).eval(), (torch.zeros(2, 3, 32, 32),),
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))  # fmt: skip
+    out["rgb_pt2"] = root / "rgb.pt2"
+    torch.export.save(rgb, str(out["rgb_pt2"]))
     return {k: str(v) for k, v in out.items()}
 
 
@@ -163,28 +173,62 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
     ("duplicate-teacher-names", [_teachers(names=("a", "a"))],
      "teachers: got ['a']; allowed: unique teacher names (these repeat)."),
     ("checkpoint-missing", [_teachers(b="{missing}")],
-     ("teachers.1.checkpoint: {missing} is not a ray_aekd checkpoint: metadata.json is missing (the path does not "
+     ("teachers.1.checkpoint: teacher 'b': "
+      "{missing} is not a ray_aekd checkpoint: metadata.json is missing (the path does not "
       "exist); allowed: a ray_aekd checkpoint (a folder or URI holding metadata.json and the tensors-only weights "
       "file (weights.safetensors, or weights.pt before version 2)")),
     ("checkpoint-truncated", [_teachers(b="{truncated}")],
-     ("teachers.1.checkpoint: {truncated} is damaged: weights.safetensors does not match the hash in metadata.json "
+     ("teachers.1.checkpoint: teacher 'b': "
+      "{truncated} is damaged: weights.safetensors does not match the hash in metadata.json "
       "(truncated or altered;", "; allowed: a ray_aekd checkpoint (")),
     ("checkpoint-pickled-code", [_teachers(b="{pickled}")],
-     ("teachers.1.checkpoint: {pickled} is unsafe: weights.pt holds more than tensors and is refused (nothing was "
+     ("teachers.1.checkpoint: teacher 'b': "
+      "{pickled} is unsafe: weights.pt holds more than tensors and is refused (nothing was "
       "unpickled; ", "GLOBAL", "; allowed: a ray_aekd checkpoint (")),
     ("checkpoint-weights-of-another-model", [_teachers(b="{other_arch}")],
-     ("teachers.1.checkpoint: {other_arch} does not load: its weights do not fit architecture 'digits_cnn' (",
+     ("teachers.1.checkpoint: teacher 'b': "
+      "{other_arch} does not load: its weights do not fit architecture 'digits_cnn' (",
       "tensors it needs are missing, e.g. 'conv1.0.weight'", "; allowed: a ray_aekd checkpoint (")),
     ("checkpoint-metadata-of-the-wrong-type", [_teachers(b="{bad_metadata}")],
-     ("teachers.1.checkpoint: {bad_metadata} is not a ray_aekd checkpoint: metadata.json has num_classes = 'ten' "
+     ("teachers.1.checkpoint: teacher 'b': "
+      "{bad_metadata} is not a ray_aekd checkpoint: metadata.json has num_classes = 'ten' "
       "(expected an integer >= 1); allowed: a ray_aekd checkpoint (")),
     ("checkpoint-nan-weights", [_teachers(b="{non_finite}")],
-     ("teachers.1.checkpoint: {non_finite} is damaged: its tensor 'head.weight' holds NaN or Inf; "
+     ("teachers.1.checkpoint: teacher 'b': {non_finite} is damaged: its tensor 'head.weight' holds NaN or Inf; "
       "allowed: a ray_aekd checkpoint (")),
     ("teacher-other-classes", [_teachers(b="{classes5}")],
      "teachers.1.checkpoint: 'b' was trained for 5 classes and inputs [1, 8, 8], but digits has 10 classes and "
      "inputs [1, 8, 8]; allowed: a teacher trained for 10 classes and inputs [1, 8, 8] (the teachers and the "
      "student read the same images)."),
+    ("teacher-without-a-source", ["teachers=[{name: a}, {name: b, checkpoint: '{b}'}]"],
+     "teachers.0: got 'a with none of them'; allowed: exactly one of checkpoint (a ray_aekd checkpoint folder or URI), "
+     "model + weights (an architecture and a .pt/.pth/.safetensors state dict), exported (a torch.export .pt2 "
+     "program), torchscript (a TorchScript file) or mlflow (models:/<name>@<alias>, models:/<model id>, "
+     "runs:/<run id>/<path>)."),
+    ("teacher-with-two-sources", ["teachers=[{name: a, checkpoint: '{a}', exported: '{a}'}, "
+                                  "{name: b, checkpoint: '{b}'}]"],
+     "teachers.0: got 'a with checkpoint, exported'; allowed: exactly one of checkpoint ("),
+    ("teacher-model-without-weights", ["teachers=[{name: a, model: digits_mlp}, {name: b, checkpoint: '{b}'}]"],
+     "teachers.0.weights: got None; allowed: model and weights together: the architecture and its state dict file."),
+    ("teacher-weights-missing", ["teachers=[{name: a, model: digits_mlp, weights: '{missing}.pt'}, "
+                                 "{name: b, checkpoint: '{b}'}]"],
+     "teachers.0.weights: teacher 'a': "
+     "weights {missing}.pt (digits_mlp): the file does not exist; allowed: a state dict (.pt/.pth "
+     "of tensors only, or .safetensors) that fits the architecture named by model, for the data's classes."),
+    ("teacher-weights-for-other-classes", ["teachers=[{name: a, model: digits_mlp, weights: '{weights5}'}, "
+                                           "{name: b, checkpoint: '{b}'}]"],
+     ("teachers.0.weights: teacher 'a': "
+      "weights {weights5} (digits_mlp) does not fit digits_mlp: 2 of another shape, first "
+      "'head.weight' [5, 128] for [10, 128]; the weights are for 5 classes, the data has 10; allowed: a state dict")),
+    ("teacher-exported-with-a-fixed-batch", ["teachers=[{name: a, exported: '{fixed_batch}'}, "
+                                             "{name: b, checkpoint: '{b}'}]"],
+     ("teachers.0.exported: teacher 'a': "
+      "exported program {fixed_batch} was exported for a fixed batch of 2; expected a dynamic "
+      "batch dimension")),
+    ("teacher-exported-for-other-images", ["teachers=[{name: a, exported: '{rgb_pt2}'}, "
+                                           "{name: b, checkpoint: '{b}'}]"],
+     ("teachers.0.exported: teacher 'a': exported program {rgb_pt2} does not run on the data's images: "
+      "[2, 1, 8, 8] uint8, mean [0.3], std [0.4] (", "; allowed: a torch.export program")),
     ("teacher-other-input-shape", [_teachers(a="{rgb32}")],
      "teachers.0.checkpoint: 'a' was trained for 10 classes and inputs [3, 32, 32], but digits has 10 classes and "
      "inputs [1, 8, 8]; allowed: a teacher trained for 10 classes and inputs [1, 8, 8]"),
@@ -274,7 +318,8 @@ def _cli(tmp_path: Path, *args: str, timeout: float) -> subprocess.CompletedProc
 def test_the_console_script_refuses_pickled_code_without_running_it(inputs, tmp_path):
     proc = _cli(tmp_path, "distill", "--config", SMOKE, "--set", _fill(_teachers(b="{pickled}"), inputs), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"teachers.1.checkpoint: {inputs['pickled']} is unsafe: weights.pt holds more than tensors" in proc.stderr
+    expected = f"teachers.1.checkpoint: teacher 'b': {inputs['pickled']} is unsafe: weights.pt holds more than tensors"
+    assert expected in proc.stderr
     assert not Path(inputs["marker"]).exists()
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
     assert not any(tmp_path.iterdir())  # no run folder, no mlflow.db

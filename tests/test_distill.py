@@ -156,7 +156,10 @@ def test_distill_bad_input_is_one_line_before_ray(digits_teachers, tmp_path):
             ["--set", "train.batch_size=127"],
             "train.batch_size: got 127; allowed: a multiple of workers.num_workers = 2",
         ),
-        (["--set", "teachers.1.checkpoint=/nonexistent"], "teachers.1.checkpoint: /nonexistent is not a ray_aekd"),
+        (
+            ["--set", "teachers.1.checkpoint=/nonexistent"],
+            "teachers.1.checkpoint: teacher 'cnn_b': /nonexistent is not a ray_aekd",
+        ),
         (["--set", "distill.strategy=best"], "distill.strategy: got 'best'; allowed: average, aekd, mgda"),
         (["--set", "student.model=resnet9000"], "student.model: Unknown model 'resnet9000'"),
     ]

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from ray_aekd.config import DistillConfig, load_config
 from ray_aekd.distill import distill
