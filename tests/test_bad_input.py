@@ -100,6 +100,13 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         Image.new("RGB", (8, 8)).save(out["broken_image"] / label / "1.png")
     (out["broken_image"] / "cat" / "0.png").write_bytes(b"this is not a png")  # sorted first
     out["missing"] = root / "does_not_exist"
+    overflow = build_model("digits_mlp", 10, in_channels=1)
+    with torch.no_grad():
+        for parameter in overflow.parameters():
+            parameter.mul_(1e30)  # finite weights whose logits overflow to Inf on any image
+    meta = CheckpointMetadata("digits_mlp", 10, (1, 8, 8), (0.3,), (0.4,), "digits")
+    save_checkpoint(str(root / "overflow"), overflow, meta)
+    out["overflow"] = root / "overflow"
     # teachers given as a state dict or an exported program
     out["weights5"] = root / "digits_mlp_5_classes.pt"
     torch.save(build_model("digits_mlp", 5, in_channels=1).state_dict(), out["weights5"])
@@ -200,6 +207,9 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
      "teachers.1.checkpoint: 'b' was trained for 5 classes and inputs [1, 8, 8], but digits has 10 classes and "
      "inputs [1, 8, 8]; allowed: a teacher trained for 10 classes and inputs [1, 8, 8] (the teachers and the "
      "student read the same images)."),
+    ("teacher-with-non-finite-logits", [_teachers(b="{overflow}")],
+     ("teachers.1.checkpoint: teacher 'b': checkpoint {overflow} returned NaN or Inf logits on the data's first "
+      "images; allowed: a ray_aekd checkpoint (")),
     ("teacher-without-a-source", ["teachers=[{name: a}, {name: b, checkpoint: '{b}'}]"],
      "teachers.0: got 'a with none of them'; allowed: exactly one of checkpoint (a ray_aekd checkpoint folder or URI), "
      "model + weights (an architecture and a .pt/.pth/.safetensors state dict), exported (a torch.export .pt2 "

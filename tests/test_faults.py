@@ -114,17 +114,23 @@ def test_mlflow_going_away_keeps_the_run_and_upload_fills_it_in(local_ray, digit
 
 
 def test_non_finite_teacher_logits_stop_the_run_naming_the_teacher(local_ray, digits_teachers, tmp_path, capsys):
-    """A teacher whose weights overflow to Inf on real images: finite weights, so no check of the
-    checkpoint catches it; the first step does, on the Train worker, and the command says which
-    teacher and which step in one line (exit status 1). With a restart allowed, the restarted
-    worker group does not train on into the same NaN: it returns at once and the run stops."""
+    """A teacher whose finite weights overflow to Inf on some real images, but not on the two that
+    the checks before Ray run it on (they catch a teacher that is never finite): the first
+    training step does, on the Train worker, and the command says which teacher and which step in
+    one line (exit status 1). With a restart allowed, the restarted worker group does not train on
+    into the same NaN: it returns at once and the run stops."""
     from ray_aekd.cli import main
+    from ray_aekd.data.sources import digits_source
     from ray_aekd.models.checkpoint import load_checkpoint, save_checkpoint
 
     model, meta = load_checkpoint(digits_teachers["mlp_c"])
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(1e30)
+    pixel = 54  # blank in the source's first two images, inked in about half of all digits
+    assert int(digits_source().images[:2].flatten(1)[:, pixel].max()) == 0
+    with torch.no_grad():  # hidden unit 0 fires (hugely) only where that pixel is inked
+        model.body[1].weight[0].zero_()
+        model.body[1].weight[0, pixel] = 1e20
+        model.body[1].bias[0] = 0.5e20  # normalised blank pixel: (0 - 0.3) / 0.4 = -0.75 -> -0.25e20, ReLU 0
+        model.head.weight[:, 0] = 1e30  # 1e30 x >= 1e19 overflows float32
     save_checkpoint(str(tmp_path / "overflow"), model, meta)
     overrides = [*teacher_overrides(digits_teachers), f"teachers.2.checkpoint={tmp_path / 'overflow'}",
                  f"output_dir={tmp_path / 'out'}", "workers.num_workers=1", "train.batch_size=64", "name=nan",
