@@ -258,7 +258,7 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     manifest = {
         "format": FORMAT_VERSION,
         **identity,
-        "teacher_sources": [s.source.describe() for s in stages],
+        "teacher_sources": [{"name": s.name, "kind": s.source.kind, "location": s.source.location} for s in stages],
         "dtype": config.cache.dtype,
         "teacher_forward_passes": forwards,
         "seconds": time.perf_counter() - start,

@@ -45,7 +45,9 @@ def test_a_cached_run_trains_the_same_student_as_an_online_run_and_runs_no_teach
     # one teacher pass per sample and view, and one over the validation split: counted by the stages
     assert manifest["teacher_forward_passes"] == {n: NUM_TRAIN * 2 + NUM_VAL for n in ("cnn_a", "cnn_b", "mlp_c")}
     assert [t["name"] for t in manifest["teachers"]] == ["cnn_a", "cnn_b", "mlp_c"]
-    assert manifest["teacher_checkpoints"] == [digits_teachers[n] for n in ("cnn_a", "cnn_b", "mlp_c")]
+    assert manifest["teacher_sources"] == [
+        {"name": n, "kind": "checkpoint", "location": digits_teachers[n]} for n in ("cnn_a", "cnn_b", "mlp_c")
+    ]
     assert manifest["views"] == 2 and manifest["train_samples"] == NUM_TRAIN and manifest["dtype"] == "float32"
     assert sorted(p.name for p in (tmp_path / "cache" / "train").iterdir()) == ["view=0", "view=1"]
 
