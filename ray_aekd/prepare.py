@@ -5,6 +5,7 @@ teachers on the validation split. Shared by ``ray-aekd distill`` and ``ray-aekd 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,12 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
     for i, teacher in enumerate(config.teachers):
         path = teacher.location
         key = f"teachers.{i}.{teacher_key(teacher)}"
-        if teacher.source_kind == "mlflow" or path.startswith(MLFLOW_URI_SCHEMES):
+        if path.startswith(MLFLOW_URI_SCHEMES):  # an MLflow URI; a local MLflow model folder is a path
             target = run_dir / "teachers" / teacher.name
             try:
                 path = download_model(path, target, resolve_tracking_uri(config.tracking.uri))
             except ValueError as error:
+                _remove_made(target, Path(config.output_dir).resolve())  # a bad input leaves no run folder
                 raise ValueError(
                     f"{key}: teacher {teacher.name!r}: {_sentence(error)}; allowed: {_ALLOWED[teacher.source_kind]}."
                 ) from None
@@ -66,6 +68,15 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
         output_dir=str(Path(config.output_dir).resolve()),
         storage_path=storage,
     )
+
+
+def _remove_made(folder: Path, stop: Path) -> None:
+    """Remove ``folder``, then its parents while they are empty, up to and including ``stop``."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in [folder.parent, *folder.parent.parents]:
+        if not parent.is_relative_to(stop) or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 _CHECKPOINT_ALLOWED = (

@@ -91,6 +91,7 @@ def download_model(uri: str, target: Path, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     target.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the console keeps one line per event
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri)
     except (MlflowException, OSError) as error:

@@ -223,7 +223,7 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
     ("teacher-weights-missing", ["teachers=[{name: a, model: digits_mlp, weights: '{missing}.pt'}, "
                                  "{name: b, checkpoint: '{b}'}]"],
      "teachers.0.weights: teacher 'a': "
-     "weights {missing}.pt (digits_mlp): the file does not exist; allowed: a state dict (.pt/.pth "
+     "weights {missing}.pt (digits_mlp): the path does not exist; allowed: a state dict (.pt/.pth "
      "of tensors only, or .safetensors) that fits the architecture named by model, for the data's classes."),
     ("teacher-weights-for-other-classes", ["teachers=[{name: a, model: digits_mlp, weights: '{weights5}'}, "
                                            "{name: b, checkpoint: '{b}'}]"],

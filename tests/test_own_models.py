@@ -124,9 +124,18 @@ def test_own_teachers_distil_and_the_student_works_outside(local_ray, own_models
         ],
     )
     result = distill(config, log=print)
-    # the teachers ran with their own preprocessing: each scores well above chance on the val split
-    assert set(result.teachers) == {"resnet", "cnn"}
-    assert min(result.teachers.values()) > 0.5, result.teachers  # chance is 0.1
+    # each teacher ran with its own preprocessing: its accuracy on the val split is what the model
+    # scores in this process with that preprocessing (one sample of slack for batch-order rounding)
+    from ray_aekd.data.sources import ImageFolderSource
+
+    train_folder = ImageFolderSource(own_models["train"])
+    _, val_idx = config.data.split(len(train_folder), config.seed)
+    val_images = torch.stack([train_folder[int(i)][0] for i in val_idx])
+    val_labels = torch.tensor([train_folder[int(i)][1] for i in val_idx])
+    with torch.inference_mode():
+        for name, pre in (("resnet", "resnet_pre"), ("cnn", "cnn_pre")):
+            expected = (own_models[name](own_models[pre](val_images)).argmax(-1) == val_labels).double().mean()
+            assert result.teachers[name] == pytest.approx(float(expected), abs=1.01 / len(val_idx)), name
 
     client = MlflowClient(uri)
     run = client.get_run(result.mlflow_run_id)
@@ -253,7 +262,7 @@ def test_evaluate_refuses_a_model_for_other_classes(own_models, tmp_path, capsys
     ("args", "message"),
     [
         (["--model", "nowhere.pt2", "--data", "digits"],
-         "--model: exported program nowhere.pt2: the file does not exist"),
+         "--model: exported program nowhere.pt2: the path does not exist"),
         (["--model", "w.pth", "--data", "digits"],
          "--model: got 'w.pth', a weights file; allowed: a weights file with --arch"),
         (["--model", "x", "--data", "mnist"], "--data: got 'mnist'; allowed: digits, cifar10:ROOT"),

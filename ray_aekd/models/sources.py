@@ -148,7 +148,7 @@ def load_source(
         "mlflow": _load_mlflow,
     }[source.kind]
     if source.kind != "checkpoint" and not Path(source.location).exists():
-        raise ModelSourceError(f"{source.describe()}: the file does not exist.")
+        raise ModelSourceError(f"{source.describe()}: the path does not exist.")
     loaded = loader(source, num_classes, in_channels, default_preprocess, map_location)
     if source.preprocess is not None:
         loaded.preprocess = source.preprocess
@@ -168,7 +168,7 @@ def check_on_batch(loaded: LoadedModel, images: torch.Tensor, num_classes: int, 
     except Exception as error:  # torch raises RuntimeError, exported programs also AssertionError/ValueError
         raise ModelSourceError(
             f"{what} does not run on the data's images: {list(images.shape)} uint8, {loaded.preprocess.describe()} "
-            f"({_one_line(error)})."
+            f"({_last_line(error)})."
         ) from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -209,6 +209,13 @@ def _sha256(path: str | Path) -> str:
 def _one_line(error: BaseException, limit: int = 300) -> str:
     line = " ".join(str(error).split()).rstrip(".") or type(error).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an error's text, in one line: TorchScript puts the interpreter's traceback
+    first and torch's own message (shapes, channels) last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return _one_line(RuntimeError(lines[-1])) if lines else type(error).__name__
 
 
 def _from_metadata(meta: dict[str, Any]) -> tuple[tuple[str, ...], bool]:
@@ -323,8 +330,11 @@ def check_pt2_archive(path: str | Path) -> None:
                 except (ValueError, AttributeError):
                     raise ModelSourceError(f"{where} is damaged: {info.filename} is not JSON.") from None
                 folder = info.filename.rsplit("/", 1)[0]
+                # an entry marked use_pickle is read with weights_only=False by torch: never trusted as raw bytes
                 raw |= {
-                    f"{folder}/{v['path_name']}" for v in config.values() if isinstance(v, dict) and "path_name" in v
+                    f"{folder}/{v['path_name']}"
+                    for v in config.values()
+                    if isinstance(v, dict) and "path_name" in v and not v.get("use_pickle", False)
                 }
         for info in infos:
             name = info.filename
