@@ -78,7 +78,7 @@ def own_models(tmp_path_factory):
     labels = torch.tensor([folder[i][1] for i in range(len(folder))])
 
     resnet_pre = Preprocess(*IMAGENET, size=32)
-    resnet = _train(build_model("torchvision:resnet18", 10), resnet_pre(images), labels, epochs=3, seed=0, lr=0.01)
+    resnet = _train(build_model("torchvision:resnet18", 10), resnet_pre(images), labels, epochs=2, seed=0, lr=0.01)
     weights = root / "resnet18.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in resnet.state_dict().items()}}, weights)  # DDP-style
 
@@ -117,7 +117,7 @@ def test_own_teachers_distil_and_the_student_works_outside(local_ray, own_models
             "data.dataset=imagefolder",
             f"data.path={own_models['train']}",
             "student.model=small_cnn8",
-            "train.epochs=2",
+            "train.epochs=1",
             "train.batch_size=64",
             "workers.num_workers=0",
             "tracking.register_model=own-student",
