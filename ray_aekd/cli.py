@@ -163,7 +163,7 @@ def _export(args: argparse.Namespace) -> int:
     shape = "x".join(map(str, meta["input_shape"]))
     print(
         f"exported {source.describe()} to {path}: a torch.export program, float32 [N, {shape.replace('x', ', ')}] "
-        f"images in [0, 1] -> logits [N, {len(meta['class_names'])}], preprocessing inside "
+        f"images in [0, 1] -> logits [N, {meta['num_classes']}], preprocessing inside "
         f"({meta['preprocess']}); load with torch.export.load({str(path)!r}).module()"
     )
     return 0

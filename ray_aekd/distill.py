@@ -49,7 +49,7 @@ from ray_aekd.prepare import (
 )
 from ray_aekd.provenance import environment, environment_tags
 from ray_aekd.session import Demand, check_shared, connect
-from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache
+from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache, teacher_identity
 from ray_aekd.tracking import (
     RUN_ID_FILE,
     TRACKING_FAILED_FILE,
@@ -121,7 +121,7 @@ def _check_resume(config: DistillConfig, run_dir: Path, weights: list[str]) -> N
     if saved.get("__teachers__") not in (None, teachers_now):
         changed.append("teachers")
     if saved.get("__teacher_weights__") not in (None, list(weights)):
-        changed.append("teachers.<i>.checkpoint (other weights)")
+        changed.append("teachers (other weights, kinds or preprocessing)")
     if now["train.epochs"] < saved.get("train.epochs", 0):
         changed.append("train.epochs (lower than the run's)")
     if changed:
@@ -209,7 +209,10 @@ def distill(
     train_idx, val_idx = config.data.split(len(source), config.seed)
     info = check_run(config, source, len(train_idx))
     stages = stage_specs(config, source)
-    weights = [s.weights_sha256 for s in stages]
+    # what makes each teacher's logits (file digest, and kind and preprocessing where they matter): a resumed
+    # run with other teachers is refused
+    identities = [teacher_identity(t, s) for t, s in zip(config.teachers, stages, strict=True)]
+    weights = [json.dumps(i, sort_keys=True) if len(i) > 2 else i["weights_sha256"] for i in identities]
     cache = cache_uri(config) if config.cache.path is not None else None
     if cache is not None:  # refuse a missing or stale cache before anything is scheduled
         check_cache(cache, cache_identity(config, source, train_idx, val_idx, stages))

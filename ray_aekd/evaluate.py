@@ -63,6 +63,7 @@ class EvalData:
     indices: torch.Tensor  # [N]
     description: str  # e.g. "cifar10 test split (10,000 images under /data)"
     location: str  # where the data lives (for the MLflow dataset input)
+    class_names_known: bool = True  # False: stand-in names of a checkpoint that records none
 
 
 @dataclasses.dataclass
@@ -338,9 +339,9 @@ def export_model(source: ModelSource, output: str | Path, data: EvalData | None 
         data = _checkpoint_data(meta)
     loaded = load_model(source, data, tracking_uri)
     inner = loaded.module
-    wrapped, metadata = with_preprocess(
-        inner, loaded.preprocess, data.source.class_names, data.source.input_shape, data.source.name
-    )
+    names = data.source.class_names if data.class_names_known else ()  # never made-up names
+    wrapped, metadata = with_preprocess(inner, loaded.preprocess, names, data.source.input_shape, data.source.name)
+    metadata["num_classes"] = data.source.num_classes
     images = torch.stack([data.source[int(i)][0] for i in data.indices[:4]])
     example = images.float() / 255.0
     if example.shape[0] < 2:
@@ -362,4 +363,5 @@ def _checkpoint_data(meta: Any) -> EvalData:
                            dtype=torch.uint8)  # fmt: skip
     names = meta.class_names or tuple(str(i) for i in range(meta.num_classes))
     source = TensorSource(meta.dataset, images, torch.zeros(4, dtype=torch.int64), names, meta.mean, meta.std)
-    return EvalData(source, torch.arange(4), f"{meta.dataset} (from the checkpoint's metadata)", meta.dataset)
+    return EvalData(source, torch.arange(4), f"{meta.dataset} (from the checkpoint's metadata)", meta.dataset,
+                    class_names_known=bool(meta.class_names))  # fmt: skip

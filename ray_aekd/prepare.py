@@ -48,10 +48,12 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
         key = f"teachers.{i}.{teacher_key(teacher)}"
         if path.startswith(MLFLOW_URI_SCHEMES):  # an MLflow URI; a local MLflow model folder is a path
             target = run_dir / "teachers" / teacher.name
+            made = _first_missing(target)
             try:
                 path = download_model(path, target, resolve_tracking_uri(config.tracking.uri))
             except ValueError as error:
-                _remove_made(target, Path(config.output_dir).resolve())  # a bad input leaves no run folder
+                if made is not None:  # a bad input leaves no folder behind
+                    shutil.rmtree(made, ignore_errors=True)
                 raise ValueError(
                     f"{key}: teacher {teacher.name!r}: {_sentence(error)}; allowed: {_ALLOWED[teacher.source_kind]}."
                 ) from None
@@ -70,13 +72,14 @@ def resolve_paths(config: DistillConfig, run_dir: Path) -> DistillConfig:
     )
 
 
-def _remove_made(folder: Path, stop: Path) -> None:
-    """Remove ``folder``, then its parents while they are empty, up to and including ``stop``."""
-    shutil.rmtree(folder, ignore_errors=True)
-    for parent in [folder.parent, *folder.parent.parents]:
-        if not parent.is_relative_to(stop) or not parent.is_dir() or any(parent.iterdir()):
-            break
-        parent.rmdir()
+def _first_missing(folder: Path) -> Path | None:
+    """The top-most folder on the way to ``folder`` that does not exist yet (None: all exist)."""
+    missing = None
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            return missing
+        missing = path
+    return missing
 
 
 _CHECKPOINT_ALLOWED = (

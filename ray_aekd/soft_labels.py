@@ -54,7 +54,15 @@ from ray_aekd.pipeline import (
 from ray_aekd.prepare import check_run, demand_totals, resolve_paths, run_demands, stage_specs
 from ray_aekd.session import connect
 
-__all__ = ["MANIFEST", "cache_identity", "cached_dataset", "check_cache", "read_manifest", "relabel"]
+__all__ = [
+    "MANIFEST",
+    "cache_identity",
+    "teacher_identity",
+    "cached_dataset",
+    "check_cache",
+    "read_manifest",
+    "relabel",
+]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -87,7 +95,7 @@ def cache_identity(
     pad, flip = view_settings(source)
     data = config.data
     return {
-        "teachers": [{"name": s.name, "weights_sha256": s.weights_sha256} for s in stages],
+        "teachers": [teacher_identity(t, s) for t, s in zip(config.teachers, stages, strict=True)],
         "dataset": data.dataset,
         "data_path": data.path,
         "image_size": data.image_size,
@@ -103,6 +111,18 @@ def cache_identity(
         "val_samples": len(val_idx),
         "val_indices_sha256": _digest(val_idx.sort().values),
     }
+
+
+def teacher_identity(teacher: Any, stage: TeacherStageSpec) -> dict[str, Any]:
+    """What makes a teacher's logits: its name and file digest, and, for any teacher but a
+    checkpoint using its own statistics, its kind and the preprocessing it runs with (so that a
+    changed ``preprocess`` never reuses stale logits; caches made before teacher sources existed
+    still match their checkpoint teachers)."""
+    out: dict[str, Any] = {"name": stage.name, "weights_sha256": stage.weights_sha256}
+    if stage.source.kind != "checkpoint" or teacher.preprocess is not None:
+        pre = stage.source.preprocess
+        out |= {"kind": stage.source.kind, "preprocess": [list(pre.mean), list(pre.std), pre.size] if pre else None}
+    return out
 
 
 def read_manifest(uri: str) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import sys
 import time
 import zipfile
@@ -418,6 +419,35 @@ def test_a_pt2_archive_whose_weights_config_marks_a_record_pickled_is_refused_un
         assert not marker.exists(), "torch.export.load ran the pickled code of a record check_pt2_archive let through"
 
 
+def test_a_pt2_archive_listing_a_record_twice_or_damaged_is_refused(tmp_path, digits, digit_images):
+    """A record listed twice in the weights config (once raw, once as something else) is refused,
+    and so is an archive whose member is damaged (a flipped byte fails the zip's CRC): one error each."""
+    model = _digits_model("digits_cnn", digit_images)
+    good = _export(model, _expected_input(digit_images[:2], digits.mean, digits.std), tmp_path / "good.pt2")
+
+    def list_twice(data: bytes) -> bytes:
+        config = json.loads(data)
+        first, second = list(config["config"])[:2]
+        config["config"][second]["path_name"] = config["config"][first]["path_name"]
+        return json.dumps(config).encode()
+
+    twice = tmp_path / "twice.pt2"
+    _rewrite_zip(good, twice, {"model_weights_config.json": list_twice})
+    with pytest.raises(ModelSourceError, match="is listed twice and is refused"):
+        check_pt2_archive(twice)
+
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("models/model.json"))
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    at = info.header_offset + 30 + name_length + extra_length + 8  # a byte of the member's data
+    data[at] ^= 0xFF
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ModelSourceError, match=r"exported program .*damaged\.pt2 is damaged \("):
+        check_pt2_archive(damaged)
+
+
 def test_a_torchscript_path_that_is_not_torchscript(tmp_path, digits, digit_images):
     path = tmp_path / "state_dict.pt"
     torch.save(_digits_model("digits_cnn", digit_images).state_dict(), path)
@@ -619,3 +649,27 @@ def test_check_run_with_three_kinds_of_teacher(tmp_path, monkeypatch, digits, di
     assert (Path(config.teachers[2].mlflow) / "data" / "model.pt2").is_file()
     assert info["num_classes"] == 10 and info["class_names"] == list(digits.class_names)
     assert info["input_shape"] == [1, 8, 8]
+
+
+def test_a_changed_preprocess_is_another_teacher_for_caches_and_resumes():
+    """A soft-label cache or a resumed run must not reuse logits made with other preprocessing:
+    the teacher's identity carries its kind and preprocessing, except for a checkpoint using its
+    own statistics (whose identity stays what caches made before teacher sources recorded)."""
+    from ray_aekd.pipeline import TeacherStageSpec
+    from ray_aekd.soft_labels import teacher_identity
+
+    def identity(kind: str, declared: Preprocess | None, used: Preprocess) -> dict:
+        key = {"checkpoint": "checkpoint", "exported": "exported"}[kind]
+        data = {"name": "t", key: "/m"}
+        if declared is not None:
+            data["preprocess"] = {"mean": list(declared.mean), "std": list(declared.std), "size": declared.size}
+        teacher = from_dict(DistillTeacher, data)
+        spec = TeacherStageSpec(name="t", source=ModelSource(kind, "/m", preprocess=used), weights_sha256="abc")
+        return teacher_identity(teacher, spec)
+
+    own = Preprocess((0.3,), (0.4,))
+    assert identity("checkpoint", None, own) == {"name": "t", "weights_sha256": "abc"}
+    declared = Preprocess((0.5,), (0.5,), 16)
+    assert identity("checkpoint", declared, declared) != identity("checkpoint", None, own)
+    assert identity("exported", None, own) != identity("exported", None, Preprocess((0.3,), (0.5,)))
+    assert identity("exported", None, own)["preprocess"] == [[0.3], [0.4], None]

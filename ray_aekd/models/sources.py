@@ -10,10 +10,12 @@ kind            location
                 or ``timm:<name>``; ``state_dict``/``model`` wrappings and DDP's ``module.``
                 prefix are unwrapped
 ``exported``    a ``torch.export`` program (``.pt2``) with a dynamic batch dimension; its
-                records are checked to be tensors, JSON or text before torch reads it
+                records are checked to be tensors, JSON or text before torch reads it (a guard:
+                the graph is still interpreted by torch, so load programs you trust)
 ``torchscript`` a scripted or traced module (TorchScript runs its own code: load files you trust)
 ``mlflow``      a local MLflow PyTorch model folder (``MLmodel`` + ``data/model.pt2``), as the
-                tracking layer downloads it; pickled MLflow models are refused
+                tracking layer downloads it; pickled MLflow models are refused, pt2 ones
+                checked as ``exported``
 ==============  ==========================================================================
 
 Every kind becomes a ``LoadedModel``: a module that takes preprocessed images, its
@@ -306,62 +308,79 @@ def _load_weights(source, num_classes, in_channels, default, map_location) -> Lo
     )
 
 
-# Records of a .pt2 archive that are plain text (torch writes them); the rest must be JSON,
-# raw tensor bytes listed in a weights/constants config, or a tensors-only torch file.
-_PT2_TEXT = {"archive_format", "archive_version", "version", "byteorder", "serialization_id", ".format_version"}
+# Records of a .pt2 archive that are plain text, by their path inside the archive's root folder;
+# the configs that list raw tensor records; entry prefixes torch unpickles whatever they are marked.
+_PT2_TEXT = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+_PT2_CONFIGS = ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json")
+_PT2_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
 
 
 def check_pt2_archive(path: str | Path) -> None:
-    """Refuse a ``.pt2`` archive holding anything that ``torch.export.load`` would unpickle
-    beyond tensors (it reads some records with ``weights_only=False``): every record must be
-    JSON, short text, raw tensor bytes, or pass ``torch.load(weights_only=True)``."""
+    """A guard, not a sandbox: refuse a ``.pt2`` archive whose records ``torch.export.load``
+    would unpickle beyond tensors. Every record must be raw tensor bytes listed (once, not marked
+    ``use_pickle``) in the weights or constants config, JSON, one of torch's short text records, or
+    pass ``torch.load(weights_only=True)``. The graph itself is still code that torch interprets
+    (symbolic shapes, operator names): load programs you trust, as with TorchScript."""
     where = f"exported program {path}"
+
+    def unsafe(why: str) -> ModelSourceError:
+        return ModelSourceError(f"{where} is unsafe: {why} and is refused (nothing was unpickled).")
+
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
         raise ModelSourceError(f"{where} is not a torch.export archive ({_one_line(error)}).") from None
-    with archive:
-        infos = [i for i in archive.infolist() if not i.is_dir()]
-        raw: set[str] = set()
-        for info in infos:
-            if info.filename.endswith("_config.json"):
+    try:
+        with archive:
+            infos = [i for i in archive.infolist() if not i.is_dir()]
+            root = infos[0].filename.split("/", 1)[0] if infos else ""
+            raw: set[str] = set()
+            for suffix in _PT2_CONFIGS:
+                name = f"{root}/{suffix}"
+                if name not in archive.namelist():
+                    continue
                 try:
-                    config = json.loads(archive.read(info)).get("config", {})
+                    config = json.loads(archive.read(name)).get("config", {})
                 except (ValueError, AttributeError):
-                    raise ModelSourceError(f"{where} is damaged: {info.filename} is not JSON.") from None
-                folder = info.filename.rsplit("/", 1)[0]
-                # an entry marked use_pickle is read with weights_only=False by torch: never trusted as raw bytes
-                raw |= {
-                    f"{folder}/{v['path_name']}"
-                    for v in config.values()
-                    if isinstance(v, dict) and "path_name" in v and not v.get("use_pickle", False)
-                }
-        for info in infos:
-            name = info.filename
-            if name in raw:
-                continue
-            content = archive.read(info)
-            if name.rsplit("/", 1)[-1] in _PT2_TEXT and len(content) < 256 and content.isascii():
-                continue
-            try:
-                json.loads(content)
-                continue
-            except ValueError:
-                pass
-            try:
-                torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-            except Exception:
-                raise ModelSourceError(
-                    f"{where} is unsafe: its record {name!r} is neither tensors, JSON nor text and is refused "
-                    "(nothing was unpickled)."
-                ) from None
+                    raise ModelSourceError(f"{where} is damaged: {name} is not JSON.") from None
+                folder = name.rsplit("/", 1)[0]
+                for key, entry in config.items():
+                    if not isinstance(entry, dict) or "path_name" not in entry:
+                        continue
+                    record = f"{folder}/{entry['path_name']}"
+                    if entry.get("use_pickle", False) or str(entry["path_name"]).startswith(_PT2_PICKLED_PREFIXES):
+                        raise unsafe(f"its entry {key!r} is stored as a pickle ({record!r})")
+                    if record in raw:
+                        raise unsafe(f"its record {record!r} is listed twice")
+                    raw.add(record)
+            for info in infos:
+                name = info.filename
+                if name in raw:
+                    continue
+                content = archive.read(info)
+                inner = name.split("/", 1)[1] if "/" in name else name
+                if inner in _PT2_TEXT and len(content) < 256 and content.isascii():
+                    continue
+                try:
+                    json.loads(content)
+                    continue
+                except ValueError:
+                    pass
+                try:
+                    torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+                except Exception:
+                    raise unsafe(f"its record {name!r} is neither tensors, JSON nor text") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as error:  # a damaged member (bad CRC, cut short)
+        raise ModelSourceError(f"{where} is damaged ({_one_line(error)}).") from None
 
 
 def _load_exported(source, num_classes, in_channels, default, map_location) -> LoadedModel:
-    return _exported_program(Path(source.location), f"exported program {source.location}", {}, default)
+    return _exported_program(Path(source.location), f"exported program {source.location}", {}, default, map_location)
 
 
-def _exported_program(path: Path, what: str, metadata: dict[str, Any], default: Preprocess) -> LoadedModel:
+def _exported_program(
+    path: Path, what: str, metadata: dict[str, Any], default: Preprocess, map_location: Any = "cpu"
+) -> LoadedModel:
     check_pt2_archive(path)
     extra = {EXTRA_FILE: ""}
     try:
@@ -385,6 +404,8 @@ def _exported_program(path: Path, what: str, metadata: dict[str, Any], default: 
         except ValueError:
             raise ModelSourceError(f"{what} is damaged: its {EXTRA_FILE} is not JSON.") from None
     names, inside = _from_metadata(metadata)
+    if torch.device(map_location).type != "cpu":  # device arguments baked into the graph move too
+        program = torch.export.passes.move_to_device_pass(program, torch.device(map_location))
     return LoadedModel(
         module=program.module(),
         preprocess=default,
@@ -445,4 +466,4 @@ def _load_mlflow(source, num_classes, in_channels, default, map_location) -> Loa
             "in MLflow's pt2 format (mlflow.pytorch.log_model(..., serialization_format='pt2'), MLflow 3's default)."
         )
     metadata = spec.get("metadata") or {}
-    return _exported_program(program, what, metadata if isinstance(metadata, dict) else {}, default)
+    return _exported_program(program, what, metadata if isinstance(metadata, dict) else {}, default, map_location)
