@@ -185,11 +185,19 @@ def _unpickling_detail(error: Exception) -> str:
     return _one_line(" ".join(keep) or lines[0])
 
 
-def _misfit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
-    """How ``state`` differs from the state dict ``expected``, in a few words; ``""`` if it fits."""
+def key_differences(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, reshaped)`` keys of ``state`` against the state dict ``expected``."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    return missing, unexpected, reshaped
+
+
+def _misfit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` differs from the state dict ``expected``, in a few words; ``""`` if it fits."""
+    missing, unexpected, reshaped = key_differences(expected, state)
     parts = []
     if missing:
         parts.append(f"{len(missing)} of the {len(expected)} tensors it needs are missing, e.g. {missing[0]!r}")

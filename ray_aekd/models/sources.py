@@ -40,7 +40,7 @@ import torch
 import yaml
 from torch import nn
 
-from ray_aekd.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from ray_aekd.models.checkpoint import CheckpointError, key_differences, load_checkpoint, read_state_dict
 from ray_aekd.models.preprocess import IDENTITY_STATS, Preprocess
 from ray_aekd.models.registry import build_model
 
@@ -275,9 +275,7 @@ def _load_weights(source, num_classes, in_channels, default, map_location) -> Lo
         other = next(k for k, v in state.items() if not isinstance(v, torch.Tensor))
         raise ModelSourceError(f"{what}: the file holds more than a state dict of tensors (e.g. {other!r}).")
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    reshaped = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    missing, unexpected, reshaped = key_differences(expected, tensors)
     if missing or unexpected or reshaped:
         parts = []
         if missing:
