@@ -276,3 +276,23 @@ def test_evaluate_bad_input_is_one_line(args, message, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.startswith(f"ray-aekd evaluate: error: {message}"), err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_on_digits_and_on_a_configs_validation_split(tmp_path, capsys):
+    """``--data digits`` is the held-out split every digits config validates on, so it scores the
+    same samples as ``--data config:distill_smoke.yaml``; ``--json`` is one object."""
+    from ray_aekd.models.checkpoint import CheckpointMetadata, save_checkpoint
+
+    source = digits_source()
+    train, _ = split_indices(len(source), 0.2, seed=0)
+    pre = Preprocess(source.mean, source.std)
+    model = _train(build_model("digits_mlp", 10, in_channels=1), pre(source.images[train]), source.labels[train], 3, 0)
+    meta = CheckpointMetadata("digits_mlp", 10, (1, 8, 8), source.mean, source.std, "digits", source.class_names)
+    save_checkpoint(str(tmp_path / "mlp"), model, meta)
+    results = []
+    for data in ("digits", f"config:{SMOKE}"):
+        assert cli.main(["evaluate", "--model", str(tmp_path / "mlp"), "--data", data, "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["num_samples"] == results[1]["num_samples"] == 359
+    assert results[0]["acc1"] == results[1]["acc1"] > 0.8  # a 3-epoch MLP on digits; chance is 0.1
+    assert results[0]["confusion"] == results[1]["confusion"]
