@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import fsspec
-import safetensors.torch
 import torch
+from safetensors.torch import load as tensors_from_safetensors
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ray_aekd.models.registry import build_model
@@ -79,7 +80,7 @@ def save_checkpoint(path: str, model: nn.Module, metadata: CheckpointMetadata) -
 
     # safetensors refuses tensors that share memory (tied weights): each is written on its own
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    data = safetensors.torch.save(state, metadata={"format": FORMAT, "architecture": metadata.architecture})
+    data = safetensors_bytes(state, metadata={"format": FORMAT, "architecture": metadata.architecture})
     fields = asdict(metadata) | {
         "package_version": __version__,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
@@ -219,7 +220,7 @@ def read_state_dict(
     containers). ``where`` names the file's owner in errors."""
     if filename.endswith(".safetensors"):
         try:
-            state: Any = safetensors.torch.load(data)
+            state: Any = tensors_from_safetensors(data)  # the format holds tensors only: no code
         except Exception as error:  # safetensors raises its own SafetensorError on a bad header
             raise CheckpointError(
                 f"{where} is damaged: {filename} is not a readable safetensors file ({_one_line(str(error))})."
