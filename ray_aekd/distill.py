@@ -57,8 +57,10 @@ from ray_aekd.tracking import (
     dataset_input,
     experiment_id,
     limit_mlflow_retries,
+    log_dataset,
     open_store,
     resolve_tracking_uri,
+    retry_contended,
     system_tags,
 )
 from ray_aekd.train import STOPPED_FILE, train_loop
@@ -147,12 +149,13 @@ def _open_run(
     (run_dir / TRACKING_URI_FILE).write_text(uri)  # where this run logs: `ray-aekd upload` goes there
     id_file = run_dir / RUN_ID_FILE
     resuming = resuming and id_file.exists()
-    try:
+
+    def create() -> str:
         client = MlflowClient(uri)
         if resuming:
             run_id = id_file.read_text().strip()
             client.update_run(run_id, status="RUNNING")
-            return uri, run_id
+            return run_id
         run = client.create_run(
             experiment_id(client, config.tracking.experiment),
             run_name=config.name,
@@ -163,16 +166,22 @@ def _open_run(
                 | ({"mlflow.parentRunId": trial.parent_run_id} if trial and trial.parent_run_id else {})
             ),
         )
-        run_id = run.info.run_id
-        if dataset is not None:
-            client.log_inputs(run_id, datasets=[dataset])
-        values = flatten(config) | (trial.params if trial else {})
-        params = [Param(k, str(v)[:6000]) for k, v in values.items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i : i + 100])
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(f"teacher/{n}/val/acc1", acc, stamp, 0) for n, acc in teachers.items()]
-        client.log_batch(run_id, metrics=[*metrics, Metric("ensemble/val/acc1", ensemble, stamp, 0)])
+        return run.info.run_id
+
+    try:
+        run_id = retry_contended(create)  # a sweep's trials open their runs at the same moment
+        if not resuming:
+            client = MlflowClient(uri)
+            if dataset is not None:
+                log_dataset(client, run_id, dataset)
+            values = flatten(config) | (trial.params if trial else {})
+            params = [Param(k, str(v)[:6000]) for k, v in values.items()]
+            for i in range(0, len(params), 100):
+                retry_contended(lambda i=i: client.log_batch(run_id, params=params[i : i + 100]))
+            stamp = int(time.time() * 1000)
+            metrics = [Metric(f"teacher/{n}/val/acc1", acc, stamp, 0) for n, acc in teachers.items()]
+            metrics.append(Metric("ensemble/val/acc1", ensemble, stamp, 0))
+            retry_contended(lambda: client.log_batch(run_id, metrics=metrics))
     except Exception as error:  # an unreachable tracking server must not stop the run
         log(
             f"warning: MLflow at {uri} is not reachable ({type(error).__name__}: {error}); training without it, "

@@ -278,7 +278,7 @@ def _log_evaluation(
 
     from ray_aekd.plots import plot_confusion_matrix, plot_reliability
     from ray_aekd.provenance import environment_tags
-    from ray_aekd.tracking import dataset_input, experiment_id, resolve_tracking_uri, system_tags
+    from ray_aekd.tracking import dataset_input, experiment_id, log_dataset, resolve_tracking_uri, system_tags
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
@@ -300,8 +300,7 @@ def _log_evaluation(
     digest.update(data.indices.numpy().astype("int64").tobytes())
     profile = {"samples": result.num_samples, "num_classes": len(result.class_names)}
     name = data.description.split(" ")[0]
-    client.log_inputs(run_id, datasets=[dataset_input(name, digest.hexdigest()[:16], data.location, "evaluation",
-                                                      profile)])  # fmt: skip
+    log_dataset(client, run_id, dataset_input(name, digest.hexdigest()[:16], data.location, "evaluation", profile))
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         title = f"{result.model}\non {result.data}"

@@ -461,7 +461,8 @@ def _finish_parent(
             best = result.best
             metrics += [Metric(k, float(v), stamp, best["epochs"]) for k, v in best["metrics"].items()]
             params = [Param(f"best.{k}", str(v)) for k, v in best["values"].items()]
-            client.set_tag(parent_id, "ray_aekd.best_run_id", str(best["mlflow_run_id"]))
+            if best["mlflow_run_id"]:  # None when the trial could not reach MLflow (it said so in its log)
+                client.set_tag(parent_id, "ray_aekd.best_run_id", best["mlflow_run_id"])
             client.set_tag(parent_id, "ray_aekd.best_trial", best["name"])
         client.log_batch(parent_id, metrics=metrics, params=params)
         rows = rank_runs(collect_runs(uri, sweep=parent_id))

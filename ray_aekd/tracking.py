@@ -33,8 +33,10 @@ __all__ = [
     "open_store",
     "experiment_id",
     "limit_mlflow_retries",
+    "log_dataset",
     "local_checkpoint_path",
     "resolve_tracking_uri",
+    "retry_contended",
 ]
 
 #: Checkpoint locations that MLflow resolves (``runs:/<run id>/checkpoint``, registered models, ...).
@@ -56,6 +58,27 @@ TRACKING_FAILED_FILE = "mlflow_failed.txt"
 #: In a run folder: the MLflow run id, and the tracking URI the run logs to.
 RUN_ID_FILE = "mlflow_run_id"
 TRACKING_URI_FILE = "mlflow_tracking_uri"
+
+
+#: Seconds to wait between attempts when another process got to a SQLite store first.
+CONTENDED_BACKOFF = (0.2, 0.5, 1.0, 2.0, 4.0)
+#: What SQLite says then: a write lock held too long, or the same dataset inserted by two runs at
+#: once (a sweep's trials log the same training data as their input at the same moment).
+_CONTENDED = ("database is locked", "UNIQUE constraint failed: datasets.")
+
+
+def retry_contended(fn: Callable[[], Any]) -> Any:
+    """Call ``fn``, a call that is safe to repeat; while it fails because another process wrote
+    to the same SQLite store at the same moment, wait and try again (about 8 s in all). Any
+    other error, or the last one, is raised."""
+    for delay in (*CONTENDED_BACKOFF, None):
+        try:
+            return fn()
+        except Exception as error:
+            if delay is None or not any(text in str(error) for text in _CONTENDED):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def open_store(uri: str) -> None:
@@ -122,7 +145,7 @@ class RunLogger:
         try:
             if self._client is None:  # built here: opening the store can fail too
                 self._client = MlflowClient(self.uri)
-            fn()
+            retry_contended(fn)
         except Exception as error:  # any MLflow/network failure: warn once, keep training
             later = f"`ray-aekd upload {self.run_dir}`" if self.run_dir else "`ray-aekd upload <run folder>`"
             message = (
@@ -218,6 +241,12 @@ def dataset_input(name: str, digest: str, source: str, context: str, profile: di
         profile=json.dumps(profile),
     )  # fmt: skip
     return DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)])
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: Any) -> None:
+    """Log ``dataset`` (from ``dataset_input``) as run ``run_id``'s input. Runs that log the same
+    dataset at the same moment (a sweep's trials) race to insert it; the loser tries again."""
+    retry_contended(lambda: client.log_inputs(run_id, datasets=[dataset]))
 
 
 def model_signature(input_shape: tuple[int, ...] | list[int], num_classes: int) -> Any:
