@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from ray_aekd import __version__
+from ray_aekd.console import set_verbose
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -355,15 +356,26 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--output-dir", default="runs/quickstart", help="where teachers and students go")
     quickstart.add_argument("--teacher-epochs", type=int, default=30)
     quickstart.add_argument("--student-epochs", type=int, default=20)
-    quickstart.add_argument("--workers", type=int, default=2, help="Ray Train workers (0: in this process)")
+    quickstart.add_argument(
+        "--workers", type=int, default=1, help="Ray Train workers (default 1: in this process, Train's local mode)"
+    )
     quickstart.add_argument("--seed", type=int, default=0)
     quickstart.set_defaults(run=_quickstart)
+    for command in commands.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show Ray's and MLflow's own logs and the Ray workers' output here (default: in the run "
+            "folder's ray_aekd.log)",
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:  # before Ray starts: its processes read it from the environment
+        set_verbose(True)
     try:
         return args.run(args)
     except ValueError as error:  # bad input: one clear line, no traceback

@@ -156,21 +156,35 @@ class DistillDataConfig(DataConfig):
         """The augmentation view that epoch ``epoch`` (0-based) reads."""
         return epoch % self.views if self.views else epoch
 
+    def repeating_views(self) -> int | None:
+        """How many distinct views the epochs cycle through: ``views``, 1 without augmentation,
+        None when every epoch sees a new one."""
+        return 1 if not self.augment else self.views
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """A soft-label cache (``ray-aekd relabel``): teacher logits for ``data.views`` views, on disk."""
+    """Where a run's soft labels come from. ``mode``: keep each training view, its images and
+    its teachers' logits, in Ray's object store (``memory``: teachers run once per view, not once
+    per epoch), or run the teachers every epoch (``stream``); ``auto`` keeps them when the views
+    repeat (``data.views`` set, or ``data.augment: false``), there are no hint features, and
+    they fit in half of the object store. ``path``: a soft-label cache on disk (``ray-aekd
+    relabel``): teacher logits for ``data.views`` views, read instead of running any teacher."""
 
     path: str | None = None  # local folder, s3://..., gs://...; set: read teacher logits from it, run no teacher
     dtype: str = "float32"  # float32 | float16 (half the size; logits rounded to ~3 significant digits)
+    mode: str = "auto"  # auto | memory | stream
 
     def validate(self, prefix: str) -> None:
         _check(self.path != "", f"{prefix}.path", self.path, "a folder or URI, or null")
         _check(self.dtype in CACHE_DTYPES, f"{prefix}.dtype", self.dtype, ", ".join(CACHE_DTYPES))
+        _check(self.mode in CACHE_MODES, f"{prefix}.mode", self.mode, ", ".join(CACHE_MODES))
 
 
 #: How a soft-label cache stores logits.
 CACHE_DTYPES = ("float32", "float16")
+#: Where a run keeps its training views' soft labels between epochs (``CacheConfig.mode``).
+CACHE_MODES = ("auto", "memory", "stream")
 
 #: Environment variable with a YAML mapping of ``faults`` keys; it wins over the config's.
 FAULTS_ENV = "RAY_AEKD_FAULTS"
@@ -553,6 +567,20 @@ class DistillConfig:
                 "distill.hint_weight",
                 self.distill.hint_weight,
                 "0 when cache.path is set (the cache holds logits, not the teachers' hint features)",
+            )
+        if self.cache.mode == "memory":
+            _check(
+                self.data.views is not None or not self.data.augment,
+                "cache.mode",
+                self.cache.mode,
+                "auto or stream when every epoch sees a new view (data.views is null and data.augment is true): "
+                "memory keeps data.views views, so set data.views",
+            )
+            _check(
+                self.distill.hint_weight == 0,
+                "cache.mode",
+                self.cache.mode,
+                "auto or stream when distill.hint_weight > 0 (memory keeps logits, not the teachers' hint features)",
             )
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")

@@ -17,10 +17,13 @@ checkpoint; a worker-group failure resumes too, up to ``workers.max_failures`` t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +38,10 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from ray_aekd.config import DistillConfig, FaultsConfig, flatten, with_env_faults
+from ray_aekd.console import LOG_FILE, capture_logs
 from ray_aekd.data import open_source
 from ray_aekd.faults import UNREACHABLE_TRACKING_URI, TeacherFault
-from ray_aekd.pipeline import ViewClock, distill_dataset
+from ray_aekd.pipeline import ViewClock, distill_dataset, fixed_view
 from ray_aekd.prepare import (
     check_run,
     demand_totals,
@@ -63,7 +67,7 @@ from ray_aekd.tracking import (
     retry_contended,
     system_tags,
 )
-from ray_aekd.train import STOPPED_FILE, train_loop
+from ray_aekd.train import STOPPED_FILE, TIMINGS_FILE, TrialSession, progress_line, train_loop
 
 __all__ = ["DistillResult", "TrialHooks", "distill", "format_result"]
 
@@ -81,6 +85,7 @@ class DistillResult:
     seconds: float
     teacher_forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)  # samples per teacher, counted
     soft_label_cache: str | None = None  # the cache the run read its soft labels from
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase; see fit_timings
 
 
 # Keys that may change when a run is resumed; anything else would mix two different runs.
@@ -93,12 +98,13 @@ def train_storage(config: DistillConfig) -> str:
 
 
 def _has_checkpoint(config: DistillConfig) -> bool:
-    """Whether Ray Train will resume this run (a checkpoint under ``<storage>/<name>``)."""
-    if config.workers.num_workers == 0:
-        return False
+    """Whether the run will resume (a checkpoint under ``<storage>/<name>``: Ray Train's, or
+    the one a run in local mode writes itself, on local storage only)."""
     storage = train_storage(config)
     if "://" not in storage:
         return any((Path(storage) / config.name).glob("checkpoint_*"))
+    if config.workers.num_workers == 0:
+        return False
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage.rstrip("/") + "/" + config.name)
     try:
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
@@ -206,7 +212,15 @@ class TrialHooks:
 def distill(
     config: DistillConfig, log: Callable[[str], None] = print, trial: TrialHooks | None = None
 ) -> DistillResult:
-    """Distil ``config.teachers`` into ``config.student`` on Ray; see the module docstring."""
+    """Distil ``config.teachers`` into ``config.student`` on Ray; see the module docstring.
+    Ray's and MLflow's log records go to ``ray_aekd.log`` in the run folder (``ray_aekd.console``)."""
+    with capture_logs(Path(config.output_dir).resolve() / config.name / LOG_FILE) as logs:
+        return _distill(config, log, trial, logs)
+
+
+def _distill(
+    config: DistillConfig, log: Callable[[str], None], trial: TrialHooks | None, logs: Path | None
+) -> DistillResult:
     start = time.perf_counter()
     limit_mlflow_retries()
     config = with_env_faults(config)
@@ -229,8 +243,12 @@ def distill(
     if resuming:
         _check_resume(config, run_dir, weights)
     workers = config.workers
+    timings = {"prepare": time.perf_counter() - start}
     if trial is None:  # a sweep has checked its cluster already
         connect(*_resources(config), hint=_RESOURCE_HINT, demands=_demands(config))
+    timings["ray_start"] = time.perf_counter() - start - timings["prepare"]
+    local = local_mode(config)
+    mark = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:  # a fault fires once per run: markers of an earlier run of this name go
         shutil.rmtree(run_dir / "faults", ignore_errors=True)
@@ -257,10 +275,16 @@ def distill(
     names = [t.name for t in config.teachers]
     log(
         f"{config.name}: distilling {len(names)} teachers ({', '.join(names)}) into {config.student.model} with "
-        f"{config.distill.strategy} on {max(1, workers.num_workers)} worker(s); {len(train_idx)} train / "
+        f"{config.distill.strategy} "
+        + ("in this process (Ray Train's local mode)" if local else f"on {workers.num_workers} Train worker(s)")
+        + f"; {len(train_idx)} train / "
         f"{len(val_idx)} validation {config.data.dataset} images"
         + (f"; soft labels from the cache at {cache}" if cache else "")
     )
+    if logs == run_dir / LOG_FILE and trial is None:  # not when a command around it (quickstart) said where
+        log(f"Ray's and MLflow's logs: {logs} (--verbose shows them here)")
+    if resuming:
+        log(f"resuming {config.name} from its last checkpoint under {train_storage(config)}")
     faults = config.faults
     if faults.active:
         log(f"fault injection on: {_describe_faults(faults)}")
@@ -268,78 +292,76 @@ def distill(
     if faults.kill_teacher is not None:
         fault = TeacherFault(faults.kill_teacher, faults.kill_teacher_batch, str(run_dir / "faults"))
     clock = ViewClock.remote()  # the epoch for the views, and the teachers' forward-pass counts
-    augment_clock = clock if config.data.augment else None
-    if cache is None:
-        val = distill_dataset(source, val_idx.numpy(), stages, counter=clock, fault=fault).materialize()
-    else:
-        val = cached_dataset(source, val_idx.numpy(), cache, names, "val").materialize()
+    # a seeded permutation: splits (and image folders) are sorted, often by class, and the
+    # workers' local shuffle buffer only mixes a few batches
+    order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config.seed))]
+    data = SoftLabelData(config, source, stages, cache, clock, fault)
+    val, train_sets = data.make(val_idx, order, info, log)
     teacher_acc, ensemble_acc = teacher_accuracy(val, names)
     log(
         "teachers val/acc1: "
         + "  ".join(f"{n} {a:.4f}" for n, a in teacher_acc.items())
         + f"   ensemble {ensemble_acc:.4f}"
     )
+    timings["teachers"] = time.perf_counter() - mark  # the validation split, and kept training views
+    mark = time.perf_counter()
     dataset = training_dataset(config, source, train_idx, val_idx)
     uri, run_id = _open_run(config, run_dir, teacher_acc, ensemble_acc, log, resuming, trial, dataset)
+    timings["mlflow_open"] = time.perf_counter() - mark
     if run_id:
         log(f"MLflow: {uri}, experiment {config.tracking.experiment!r}, run {run_id}")
-    # a seeded permutation: splits (and image folders) are sorted, often by class, and the
-    # workers' local shuffle buffer only mixes a few batches
-    order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config.seed))]
-    if cache is None:
-        train = distill_dataset(
-            source,
-            order.numpy(),
-            stages,
-            clock=augment_clock,
-            seed=config.seed,
-            views=config.data.views,
-            counter=clock,
-            fault=fault,
-        )
-    else:
-        train = cached_dataset(
-            source, order.numpy(), cache, names, "train", augment_clock, config.seed, config.data.views
-        )
     resources: dict[str, float] = {"CPU": workers.cpus_per_worker} | workers.resources
     if workers.use_gpu:
         resources["GPU"] = 1.0
+    storage = train_storage(config)
+    loop_config = {
+        "config": dataclasses.asdict(config),
+        "info": info,
+        "run_dir": str(run_dir),
+        "clock": clock,
+        "tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "source_size": len(source),
+        "train_views": 0 if "train" in train_sets else len(train_sets),
+        "local_mode": local,
+        "train_dir": None if "://" in storage else str(Path(storage) / config.name),
+    }
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": dataclasses.asdict(config),
-            "info": info,
-            "run_dir": str(run_dir),
-            "clock": clock,
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-            "progress": trial is None,  # a sweep prints one line per trial and epoch itself
-            "source_size": len(source),
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers.num_workers,
+            num_workers=0 if local else workers.num_workers,
             use_gpu=workers.use_gpu,
             resources_per_worker=resources,
             label_selector=workers.label_selector or None,
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
-            storage_path=train_storage(config),
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Train's per-report INFO lines repeat every metric; the epoch line from rank 0 says it once
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=list(trial.callbacks) if trial else None,
+            callbacks=list(trial.callbacks) if trial and not local else None,  # local mode runs none
         ),
-        datasets={"train": train, "val": val},
+        datasets=train_sets | {"val": val},
         # the training stream is split evenly across workers; every worker reads all of the
         # validation set and scores its own share of it (see train_loop), so no sample is dropped
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(train_sets)),
     )
     status = "FAILED"
+    fit_started = time.time()
+    mark = time.perf_counter()
     stopped = run_dir / STOPPED_FILE  # a worker stopped on NaN/Inf: why, in one line (see train.STOPPED_FILE)
+    steps = len(train_idx) // config.train.batch_size
+    printer = EpochPrinter(config, run_dir / "metrics.jsonl", clock, steps, log) if trial is None else None
     try:
-        trainer.fit()  # returns when the group restarted after a stop: its workers return at once
+        if printer is not None:  # a sweep prints one line per trial and epoch itself
+            printer.start()
+        if local and trial is not None:  # in a Tune trial Ray refuses ray.train.*: the loop runs here directly
+            train_loop(loop_config | {"session": TrialSession(train_sets | {"val": val})})
+        else:
+            trainer.fit()  # returns when the group restarted after a stop: its workers return at once
         if stopped.exists():
             raise FloatingPointError(stopped.read_text().strip())
         status = "FINISHED"
@@ -348,6 +370,9 @@ def distill(
             raise
         raise FloatingPointError(stopped.read_text().strip()) from error  # not a worker's traceback
     finally:
+        if printer is not None:
+            printer.stop()
+        timings["fit"] = time.perf_counter() - mark
         forwards = ray.get(clock.forwards.remote())
         ray.kill(clock)
         if run_id:
@@ -377,10 +402,194 @@ def distill(
         seconds=time.perf_counter() - start,
         teacher_forward_passes=forwards,
         soft_label_cache=cache,
+        timings=fit_timings(timings, run_dir / TIMINGS_FILE, fit_started, time.perf_counter() - start),
     )
     (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     log(format_result(result))
     return result
+
+
+class EpochPrinter(threading.Thread):
+    """Prints a run's epoch lines on the driver as rank 0 appends them to ``metrics.jsonl``, and,
+    on a terminal, a progress bar of the current epoch (from the ``ViewClock``, which rank 0
+    tells how far it is). The workers print nothing: their output is Ray's, and stays in its
+    logs unless ``--verbose``."""
+
+    def __init__(
+        self, config: DistillConfig, metrics: Path, clock: Any, steps: int, log: Callable[[str], None]
+    ) -> None:
+        super().__init__(daemon=True)
+        self.config, self.metrics, self.clock, self.log = config, metrics, clock, log
+        self.done = threading.Event()
+        self.bar = sys.stdout.isatty()
+        self.steps = max(1, steps)  # per epoch, on each worker
+        self.printed = len(self._lines())  # a resumed run's earlier epochs were printed by its first attempt
+
+    def _lines(self) -> list[dict[str, Any]]:
+        try:
+            text = self.metrics.read_text()
+        except OSError:
+            return []
+        lines = []
+        for line in text.splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written
+                lines.append(json.loads(line))
+        return lines
+
+    def poll(self) -> None:
+        lines = self._lines()
+        for line in lines:
+            if line["epoch"] > self.printed:
+                if self.bar:
+                    sys.stdout.write("\r\033[K")
+                self.log(progress_line(self.config, line["epoch"] - 1, line))
+                self.printed = line["epoch"]
+        if self.bar and not self.done.is_set():
+            with contextlib.suppress(Exception):  # the clock is gone when the run ends
+                epoch, step = ray.get(self.clock.position.remote(), timeout=5)
+                if epoch + 1 > self.printed and step > 0:
+                    width = 30
+                    filled = min(width, width * step // self.steps)
+                    sys.stdout.write(
+                        f"\r  epoch {epoch + 1}/{self.config.train.epochs} [{'#' * filled}{'.' * (width - filled)}] "
+                        f"{step}/{self.steps} steps"
+                    )
+                    sys.stdout.flush()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.poll()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=10)
+        self.poll()  # the last epochs
+        if self.bar:
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
+
+
+def local_mode(config: DistillConfig) -> bool:
+    """Whether the training loop runs in this process (Train's local mode): asked for
+    (``workers.num_workers: 0``), or one CPU worker on a one-node cluster, where a worker group
+    would only add its start-up (in a sweep's trial too: the loop then reports to Tune itself).
+    Kept as a worker group: restarts (``workers.max_failures``), placement, GPUs, fault drills."""
+    workers = config.workers
+    if workers.num_workers == 0:
+        return True
+    return (
+        workers.num_workers == 1
+        and not workers.use_gpu
+        and not workers.resources
+        and not workers.label_selector
+        and workers.max_failures == 0
+        and config.faults.kill_worker_rank is None
+        and sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+    )
+
+
+#: Share of Ray's object store that ``cache.mode: auto`` lets the kept training views take.
+MEMORY_SHARE = 0.5
+#: The ``view`` column of validation rows kept with the training views (they are not augmented).
+VAL_VIEW = -1
+
+
+@dataclasses.dataclass
+class SoftLabelData:
+    """The data a run's workers read, with its teachers' logits: made by the teacher stages, or
+    read from a disk cache (``cache.path``). The training split is either one stream whose
+    teachers (or cache reads) run every epoch, or, when its views repeat and are kept
+    (``cache.mode``), V views made once, together with the validation split in one pass, and
+    materialised in Ray's object store; epoch e reads view ``e mod V``."""
+
+    config: DistillConfig
+    source: Any
+    stages: list[Any]
+    cache: str | None
+    clock: Any
+    fault: TeacherFault | None
+
+    def _pass(self, indices: torch.Tensor, view: int | None, augment: bool, clock: Any = None) -> Any:
+        names = [t.name for t in self.config.teachers]
+        seed, views = self.config.seed, self.config.data.views
+        if self.cache is not None:
+            if view == VAL_VIEW:  # with a view column, as the training views it is kept with
+                fixed = {"view": VAL_VIEW, "augment": False, "seed": seed, "pad": 0, "flip": False}
+                val = cached_dataset(self.source, indices.numpy(), self.cache, names, "val")
+                return val.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy")
+            return cached_dataset(self.source, indices.numpy(), self.cache, names, "train", clock, seed, views,
+                                  view=view if augment else None)  # fmt: skip
+        return distill_dataset(
+            self.source, indices.numpy(), self.stages, clock=clock, seed=seed, views=views, counter=self.clock,
+            fault=self.fault, view=view, augment=augment and view != VAL_VIEW,
+        )  # fmt: skip
+
+    def make(
+        self, val_idx: torch.Tensor, order: torch.Tensor, info: dict[str, Any], log: Callable[[str], None]
+    ) -> tuple[Any, dict[str, Any]]:
+        """``(validation dataset, {name: training dataset}})``: ``{"train": stream}`` or
+        ``{"train_view<v>": view v}``; both materialised except the stream."""
+        config = self.config
+        views = config.data.repeating_views()
+        channels, height, width = info["input_shape"]
+        per_sample = channels * height * width + 24 + len(config.teachers) * info["num_classes"] * 4
+        needed = ((views or 0) * len(order) + len(val_idx)) * per_sample  # images, ids, logits
+        room = MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0.0)
+        mode = config.cache.mode
+        hinted = config.distill.hint_weight > 0
+        keep = mode == "memory" or (mode == "auto" and views is not None and not hinted and needed <= room)
+        where = "the cache is read" if self.cache else "the teachers run"
+        if not keep:
+            why = {
+                "stream": "cache.mode is stream",
+                "auto": "data.views is null: each epoch sees a new view" if views is None
+                else "hint features are not kept" if hinted
+                else f"{views} view(s) need {needed / 2**20:.0f} MiB, more than half of Ray's object store",
+            }[mode]  # fmt: skip
+            log(f"soft labels: {where} every epoch ({why}).")
+            val = self._pass(val_idx, VAL_VIEW if self.cache else None, augment=False).materialize()
+            clock = self.clock if config.data.augment else None
+            return val, {"train": self._pass(order, None, config.data.augment, clock)}
+        assert views is not None  # DistillConfig.validate: memory needs repeating views
+        log(
+            f"soft labels: {where} once over {views} view(s) of the training split, kept in Ray's object store "
+            f"({needed / 2**20:.1f} MiB) for every epoch."
+        )
+        # each part is its own execution: a union of them interleaves their blocks; task teacher stages keep
+        # their models loaded between executions
+        val = self._pass(val_idx, VAL_VIEW, augment=False).materialize()
+        train = [self._pass(order, view, config.data.augment).materialize() for view in range(views)]
+        return val, {f"train_view{v}": dataset for v, dataset in enumerate(train)}
+
+
+def fit_timings(driver: dict[str, float], events_file: Path, fit_started: float, total: float) -> dict[str, float]:
+    """Where a run's wall time went, in seconds: the driver's phases (``prepare``: config, data and
+    teacher checks; ``ray_start``; ``teachers_val``: the teachers on the validation split;
+    ``mlflow_open``; ``fit``), ``fit`` broken down from rank 0's events of this attempt
+    (``worker_start``: until the training function ran; ``steps``, ``first_step`` of them,
+    ``eval``, ``report`` (checkpoint and ``ray.train.report``), ``mlflow``, ``finish``: saving and
+    logging the student; ``fit_other``: the rest, e.g. restarts and shutting the workers down),
+    ``other``, ``total``, and ``training_share`` = steps / total."""
+    out = dict(driver)
+    events = []
+    if events_file.exists():
+        events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
+    events = [e for e in events if e["at"] >= fit_started]
+    starts = [e for e in events if e["event"] == "loop_start"]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    if starts:
+        out["worker_start"] = starts[0]["at"] - fit_started
+    for key in ("steps", "eval", "report", "mlflow"):
+        out[key] = sum(e[key] for e in epochs)
+    out["epochs"] = len(epochs)
+    out["first_step"] = epochs[0]["first_step"] if epochs else 0.0
+    out["finish"] = sum(e["seconds"] for e in events if e["event"] == "finish")
+    inside = sum(out.get(k, 0.0) for k in ("worker_start", "steps", "eval", "report", "mlflow", "finish"))
+    out["fit_other"] = driver.get("fit", 0.0) - inside
+    out["other"] = total - sum(driver.values())
+    out["total"] = total
+    out["training_share"] = out["steps"] / total if total > 0 else 0.0
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 def training_dataset(config: DistillConfig, source: Any, train_idx: torch.Tensor, val_idx: torch.Tensor) -> Any:

@@ -48,6 +48,7 @@ __all__ = [
     "add_teacher_stages",
     "apply_view",
     "distill_dataset",
+    "fixed_view",
     "logits_column",
 ]
 
@@ -74,6 +75,14 @@ class ViewClock:
         self._epoch = 0
         self._forwards: dict[str, int] = {}
         self._batches: dict[str, int] = {}
+        self._position = (0, 0)
+
+    def advance(self, epoch: int, steps: int) -> None:
+        """Rank 0 has run ``steps`` steps of epoch ``epoch`` (0-based), for progress bars."""
+        self._position = (epoch, steps)
+
+    def position(self) -> tuple[int, int]:
+        return self._position
 
     def set(self, epoch: int) -> int:
         self._epoch = epoch
@@ -202,6 +211,17 @@ def apply_view(
     return batch
 
 
+def fixed_view(
+    batch: dict[str, np.ndarray], view: int, augment: bool, seed: int, pad: int, flip: bool
+) -> dict[str, np.ndarray]:
+    """View ``view`` of ``batch`` (augmented, or unchanged when ``augment`` is false), with the
+    column ``view``: a pass that always produces the same view, for caches."""
+    if augment:
+        return apply_view(batch, None, seed, pad, flip, view=view)
+    batch["view"] = np.full(len(batch["index"]), view, dtype=np.int64)
+    return batch
+
+
 def view_settings(source: ImageSource) -> tuple[int, bool]:
     """Crop padding and whether to flip: 1 px and no flips for 8x8 digits, else 4 px and flips."""
     return (1, False) if source.input_shape[1] <= 8 else (4, True)
@@ -223,6 +243,8 @@ def distill_dataset(
     views: int | None = None,
     counter: Any = None,
     fault: TeacherFault | None = None,
+    view: int | None = None,
+    augment: bool = True,
 ) -> ray.data.Dataset:
     """Rows ``index``, ``image`` (the view), ``label`` and one ``logits/<teacher>`` per teacher.
 
@@ -236,16 +258,21 @@ def distill_dataset(
         views: epoch e reads view ``e mod views``; None: view e.
         counter: a ``ViewClock`` that counts each teacher's samples (may be ``clock``).
         fault: a teacher process to kill once (fault injection), or None.
+        view, augment: without a clock, always produce view ``view`` (augmented if ``augment``),
+            as a cache of that view does; None: no ``view`` column, images unchanged.
     """
     dataset = to_ray_dataset(source, indices, num_cpus=_TASK_CPUS)
+    pad, flip = view_settings(source)
     if clock is not None:
-        pad, flip = view_settings(source)
         dataset = dataset.map_batches(
             apply_view,
             fn_kwargs={"clock": clock, "seed": seed, "pad": pad, "flip": flip, "views": views},
             batch_format="numpy",
             num_cpus=_TASK_CPUS,
         )
+    elif view is not None:
+        fixed = {"view": view, "augment": augment, "seed": seed, "pad": pad, "flip": flip}
+        dataset = dataset.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy", num_cpus=_TASK_CPUS)
     return add_teacher_stages(dataset, teachers, counter, fault)
 
 

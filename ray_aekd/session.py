@@ -12,6 +12,8 @@ from typing import Any
 
 import ray
 
+from ray_aekd import console
+
 __all__ = ["Demand", "check_demands", "check_shared", "connect", "label_matches"]
 
 
@@ -40,7 +42,7 @@ def connect(
     what: str,
     hint: str,
     local_cpus: float | None = None,
-    log_to_driver: bool = True,
+    log_to_driver: bool | None = None,
     demands: Sequence[Demand] = (),
 ) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (as ``ray job submit`` sets it) or start a
@@ -53,11 +55,14 @@ def connect(
         local_cpus: logical CPUs for a local Ray (default: enough for ``num_cpus``). Ray's CPU
             count is a scheduling budget, not a thread limit: a laptop gets enough of them for
             the workers, teacher actors and data tasks of the run to be scheduled together.
-        log_to_driver: echo the workers' output here (a sweep turns it off: its trials run
+        log_to_driver: echo the workers' output here (default: only with ``--verbose``, see
+            ``ray_aekd.console``; a sweep turns it off in any case: its trials run
             concurrently and it prints one line per trial and epoch itself).
         demands: the run's actors and tasks; each must fit on one alive node that has its
             labels, and the custom resources they hold together must exist in the cluster.
     """
+    if log_to_driver is None:
+        log_to_driver = console.log_to_driver()
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:

@@ -48,6 +48,7 @@ from ray_aekd.pipeline import (
     ViewClock,
     add_teacher_stages,
     apply_view,
+    fixed_view,
     logits_column,
     view_settings,
 )
@@ -181,15 +182,6 @@ def check_cache(uri: str, identity: dict[str, Any], key: str = "cache.path") -> 
     return manifest
 
 
-def _with_fixed_view(
-    batch: dict[str, np.ndarray], view: int, augment: bool, seed: int, pad: int, flip: bool
-) -> dict[str, np.ndarray]:
-    if augment:
-        return apply_view(batch, None, seed, pad, flip, view=view)
-    batch["view"] = np.full(len(batch["index"]), view, dtype=np.int64)
-    return batch
-
-
 def _cache_rows(batch: dict[str, np.ndarray], names: Sequence[str], dtype: str, with_view: bool) -> pa.Table:
     columns: dict[str, Any] = {"index": pa.array(np.asarray(batch["index"], dtype=np.int64))}
     if with_view:
@@ -250,7 +242,7 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     order = train_idx.sort().values.numpy()
     parts = [
         to_ray_dataset(source, order, num_cpus=_TASK_CPUS).map_batches(
-            _with_fixed_view,
+            fixed_view,
             fn_kwargs={"view": v, "augment": config.data.augment, "seed": config.seed, "pad": pad, "flip": flip},
             batch_format="numpy",
             num_cpus=_TASK_CPUS,
@@ -357,6 +349,7 @@ def cached_dataset(
     clock: Any = None,
     seed: int = 0,
     views: int | None = None,
+    view: int | None = None,
 ) -> ray.data.Dataset:
     """Rows ``index``, ``image``, ``label`` and ``logits/<teacher>`` from the cache at ``uri``:
     like ``pipeline.distill_dataset`` but with no teacher run.
@@ -364,16 +357,17 @@ def cached_dataset(
     Args:
         split: ``train`` (augmented views; the clock's epoch picks view ``epoch mod views``;
             without a clock, as with ``data.augment: false``, view 0 unaugmented) or ``val``.
+        view: without a clock, always view ``view`` (augmented), for a pass kept in memory.
     """
     dataset = to_ray_dataset(source, indices, num_cpus=_TASK_CPUS)
     if split == "train":
+        pad, flip = view_settings(source)
         if clock is not None:
-            pad, flip = view_settings(source)
             fn_kwargs = {"clock": clock, "seed": seed, "pad": pad, "flip": flip, "views": views}
             dataset = dataset.map_batches(apply_view, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=_TASK_CPUS)
         else:
-            fixed = {"view": 0, "augment": False, "seed": seed, "pad": 0, "flip": False}
-            dataset = dataset.map_batches(_with_fixed_view, fn_kwargs=fixed, batch_format="numpy", num_cpus=_TASK_CPUS)
+            fixed = {"view": view or 0, "augment": view is not None, "seed": seed, "pad": pad, "flip": flip}
+            dataset = dataset.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy", num_cpus=_TASK_CPUS)
     return dataset.map_batches(
         _lookup_logits,
         fn_kwargs={"uri": uri, "names": list(names), "split": split},

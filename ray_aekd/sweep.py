@@ -36,7 +36,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
 from ray_aekd.config import DistillConfig, DistillTeacher, apply_preset, flatten, from_dict
 from ray_aekd.data import open_source
-from ray_aekd.distill import TrialHooks, _demands, _resources, distill
+from ray_aekd.distill import TrialHooks, _demands, _resources, distill, local_mode
 from ray_aekd.prepare import check_run, resolve_paths, shared_paths, teacher_key
 from ray_aekd.provenance import environment_tags
 from ray_aekd.session import check_shared, connect
@@ -250,7 +250,10 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         + (f"; MLflow parent run {parent_id} at {uri}" if parent_id else "")
     )
     tuner = tune.Tuner(
-        tune.with_resources(_run_trial, {"CPU": sweep.trial_cpus}),
+        # a trial whose one Train worker runs in its own process (local mode) holds that worker's CPUs too
+        tune.with_resources(
+            _run_trial, {"CPU": sweep.trial_cpus + (config.workers.cpus_per_worker if local_mode(config) else 0)}
+        ),
         param_space={
             "values": _tune_space(dimensions),
             "base": base,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import ray
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -45,18 +45,71 @@ from ray_aekd.plots import plot_cosine_matrix, plot_weights
 from ray_aekd.tracking import RunLogger, limit_mlflow_retries, model_signature
 from ray_aekd.weighting import NonFiniteLogitsError
 
-__all__ = ["STATE_FILE", "STOPPED_FILE", "train_loop"]
+__all__ = ["STATE_FILE", "STOPPED_FILE", "TIMINGS_FILE", "progress_line", "train_loop"]
 
 STATE_FILE = "state.pt"
 DONE_FILE = "finished"
 #: In a run folder: why the run stopped (non-finite logits); every worker that starts after it exists returns
 #: at once, so a worker-group restart does not train on into the same NaN, and the driver raises its text.
 STOPPED_FILE = "stopped.txt"
+#: In a run folder: where rank 0's time went, one JSON line per event (loop start, epoch, finish); the
+#: driver folds it into ``result.json``'s ``timings``.
+TIMINGS_FILE = "timings.jsonl"
 
 
-def _world() -> tuple[int, int]:
-    context = ray.train.get_context()
-    return context.get_world_rank(), context.get_world_size()
+def _record_time(run_dir: Path, event: str, **fields: float) -> None:
+    with (run_dir / TIMINGS_FILE).open("a") as f:
+        f.write(json.dumps({"event": event, "at": time.time(), **fields}) + "\n")
+
+
+class TrainSession:
+    """What the loop asks of Ray Train: its rank, device, data shards, reports, checkpoint."""
+
+    def world(self) -> tuple[int, int]:
+        context = ray.train.get_context()
+        return context.get_world_rank(), context.get_world_size()
+
+    def device(self) -> torch.device:
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def dataset_shard(self, name: str) -> Any:
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def checkpoint(self) -> Any:
+        return ray.train.get_checkpoint()
+
+
+class TrialSession(TrainSession):
+    """The loop run directly in a Ray Tune trial's process (one worker, no worker group): Ray
+    refuses ``ray.train.*`` calls inside a Tune trial, so the datasets are handed over here and
+    the reports go to Tune. No checkpoint comes from Ray: the loop keeps its own (local mode)."""
+
+    def __init__(self, datasets: dict[str, Any]) -> None:
+        self.datasets = datasets
+
+    def world(self) -> tuple[int, int]:
+        return 0, 1
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def dataset_shard(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        ray.tune.report(metrics)
+
+    def checkpoint(self) -> Any:
+        return None
 
 
 def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -112,8 +165,8 @@ def _truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function. ``loop_config``: ``config`` (the resolved DistillConfig as
     plain data), ``info`` (data and model facts measured by the driver), ``run_dir``,
-    ``clock`` (a ViewClock), ``tracking_uri``, ``mlflow_run_id``, ``progress`` (print a line
-    per epoch from rank 0; a sweep prints its own), ``source_size`` (samples in the source:
+    ``clock`` (a ViewClock; rank 0 also tells it how far the epoch is), ``tracking_uri``,
+    ``mlflow_run_id``, ``source_size`` (samples in the source:
     the length of the per-epoch tally of which samples the workers got)."""
     limit_mlflow_retries()
     config = from_dict(DistillConfig, loop_config["config"])
@@ -124,12 +177,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     clock = loop_config["clock"]
     names = [t.name for t in config.teachers]
     num_teachers = len(names)
-    rank, world = _world()
-    device = ray.train.torch.get_device()
+    session = loop_config.get("session") or TrainSession()
+    rank, world = session.world()
+    if rank == 0:
+        _record_time(run_dir, "loop_start")
+    device = session.device()
     logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"] if rank == 0 else None, run_dir)
 
     torch.manual_seed(config.seed)  # same initial student on every worker
-    model = ray.train.torch.prepare_model(_build_student(config, info))
+    model = session.prepare_model(_build_student(config, info))
     train = config.train
     optimizer, scheduler = make_optimizer(
         model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones
@@ -137,10 +193,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_epoch, step = 0, 0
     cosine_sum = torch.zeros(num_teachers, num_teachers, dtype=torch.float64)
     cosine_steps = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    local = bool(loop_config.get("local_mode"))  # Train's local mode: the loop runs in the driver's process
+    train_dir = loop_config.get("train_dir")
+    state = _resume_state(session.checkpoint(), train_dir, local)
+    if state is not None:
         _plain_student(model).load_state_dict(state["student"])
         if "regressors" in state:
             inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -150,8 +206,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         start_epoch, step = int(state["epoch"]), int(state["step"])
         cosine_sum, cosine_steps = state["cosine_sum"], int(state["cosine_steps"])
         torch.set_rng_state(state["rng"])
-        if rank == 0:
-            _say(f"[ray-aekd] resuming {config.name} from its checkpoint after epoch {start_epoch}")
 
     alpha_path = run_dir / "alpha" / f"rank{rank}.csv"
     metrics_path = run_dir / "metrics.jsonl"
@@ -186,9 +240,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     hinted = settings.hint_weight > 0
     mean, std = tuple(info["mean"]), tuple(info["std"])
     batch_size = train.batch_size // max(1, config.workers.num_workers)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    # one stream whose teacher stages run every epoch, or V views made once, read in turn (distill._training_sets)
+    views = loop_config.get("train_views", 0)
+    train_shards = [session.dataset_shard(f"train_view{v}") for v in range(views)] or [
+        session.dataset_shard("train")
+    ]
+    val_shard = session.dataset_shard("val")
     faults, fault_dir = config.faults, run_dir / "faults"
+    local_checkpoint = Path(train_dir) / LOCAL_CHECKPOINT / STATE_FILE if local and train_dir else None
 
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
@@ -203,17 +262,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tally = torch.zeros(loop_config["source_size"], dtype=torch.int64, device=device)  # times each sample came
         hint_sum = torch.zeros((), dtype=torch.float64, device=device)
         weights, grams = [], []
-        batches = train_shard.iter_torch_batches(
+        batches = train_shards[epoch % len(train_shards)].iter_torch_batches(
             batch_size=batch_size,
             device=device,
             drop_last=True,
             local_shuffle_buffer_size=4 * batch_size,
             local_shuffle_seed=config.seed * 1000 + epoch,
         )
+        first_step = None
+        epoch_first_step, next_tick = step, 0.0
         for batch in batches:
             doomed = rank == faults.kill_worker_rank and step == faults.kill_worker_step
             if doomed and fire_once(fault_dir, "kill_worker"):
                 die(f"killing Train worker rank {rank} (pid {os.getpid()}) before step {step}, in epoch {epoch + 1}")
+            if views and bool((batch["view"] != epoch % views).any()):  # distill.SoftLabelData cut it wrong
+                raise RuntimeError(f"epoch {epoch + 1} read rows of another view than {epoch % views}; a bug.")
             images = normalize(batch["image"], mean, std)
             labels = batch["label"]
             tally.index_add_(0, batch["index"], torch.ones_like(batch["index"]))
@@ -237,6 +300,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             weights.append(torch.stack([out[f"weight/{m}"] for m in range(num_teachers)]))
             grams.append(out["gram"])
             step += 1
+            if rank == 0 and time.perf_counter() >= next_tick:  # for the driver's progress bar
+                clock.advance.remote(epoch, step - epoch_first_step)
+                next_tick = time.perf_counter() + 0.5
+            if first_step is None:
+                first_step = time.perf_counter() - started  # reading the first batch, then one step
         if not weights:
             raise ValueError(
                 f"epoch {epoch}: worker {rank} got no full batch of {batch_size} samples; lower train.batch_size "
@@ -256,6 +324,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if not torch.isfinite(sums).all():
             raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({sums.tolist()}).")
 
+        evaluated = time.perf_counter()
         val_sums = torch.zeros(SUMS_LENGTH, dtype=torch.float64, device=device)
         model.eval()
         student = _plain_student(model)
@@ -292,6 +361,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             for i, row in enumerate(alpha.tolist()):
                 writer.writerow([first + i, epoch, *(f"{w:.8g}" for w in row)])
         report_checkpoint = None
+        reported = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -307,28 +377,62 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 }
                 if isinstance(inner, HintStudent):
                     state["regressors"] = inner.regressors.state_dict()
-                torch.save(state, Path(folder) / STATE_FILE)
-                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+                if local_checkpoint is not None:  # local mode: Train keeps no checkpoint of its own
+                    _save_atomically(state, local_checkpoint)
+                else:
+                    torch.save(state, Path(folder) / STATE_FILE)
+                    report_checkpoint = ray.train.Checkpoint.from_directory(folder)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"epoch": epoch + 1, "step": step, **metrics}) + "\n")
-                if loop_config.get("progress", True):
-                    _say(_progress_line(config, epoch, metrics))
-            ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
+            session.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
+        logging = time.perf_counter()
         if rank == 0 and epoch + 1 not in logged:  # after the checkpoint is committed
             logger.log_metrics(metrics, step=epoch + 1)
+        if rank == 0:
+            done = time.perf_counter()
+            _record_time(
+                run_dir, "epoch", epoch=epoch + 1, steps=train_seconds, first_step=first_step or 0.0,
+                eval=reported - evaluated, report=logging - reported, mlflow=done - logging,
+            )  # fmt: skip
 
     if rank == 0 and not (run_dir / DONE_FILE).exists():
+        finishing = time.perf_counter()
         _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger, val_shard)
+        _record_time(run_dir, "finish", seconds=time.perf_counter() - finishing)
 
 
-def _say(line: str) -> None:
-    # Ray Train workers echo print() twice on the driver's console; the raw stream once.
-    stream = sys.__stdout__ or sys.stdout
-    stream.write(line + "\n")
-    stream.flush()
+#: Under ``<storage_path>/<name>/``: the checkpoint of a run in Train's local mode, which keeps none itself.
+LOCAL_CHECKPOINT = "checkpoint_local"
 
 
-def _progress_line(config: DistillConfig, epoch: int, metrics: dict[str, Any]) -> str:
+def _read_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _resume_state(checkpoint: Any, train_dir: str | None, local: bool) -> dict[str, Any] | None:
+    """The newest checkpoint of this run (by epoch), or None: Ray Train's (a restarted worker
+    group, or a run started again), and, on local storage (``train_dir``), the one a run in
+    local mode wrote; in local mode, where Train hands out none, every ``checkpoint_*`` there."""
+    states = []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            states.append(_read_state(Path(folder) / STATE_FILE))
+    if train_dir is not None:
+        pattern = "checkpoint_*" if local else LOCAL_CHECKPOINT
+        states += [_read_state(path) for path in Path(train_dir).glob(f"{pattern}/{STATE_FILE}")]
+    return max(states, key=lambda state: int(state["epoch"]), default=None)
+
+
+def _save_atomically(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` so that a crash leaves the previous file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def progress_line(config: DistillConfig, epoch: int, metrics: dict[str, Any]) -> str:
+    """The console line of epoch ``epoch`` (0-based) of a run (the driver prints it)."""
     weights = " ".join(f"{k.split('/', 1)[1]}={v:.2f}" for k, v in metrics.items() if k.startswith("weights/"))
     return (
         f"[ray-aekd] {config.name} epoch {epoch + 1}/{config.train.epochs}  "

@@ -173,6 +173,10 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
         "distill.tolerance: got 1.5; allowed: a number in [1/M, 1] = [0.5, 1] for M = 2 teachers.",
     ),
     ("temperature-zero", ["distill.temperature=0"], "distill.temperature: got 0.0; allowed: a finite number > 0."),
+    ("cache-mode-unknown", ["cache.mode=disk"], "cache.mode: got 'disk'; allowed: auto, memory, stream."),
+    ("cache-mode-memory-with-a-new-view-every-epoch", ["cache.mode=memory"],
+     ("cache.mode: got 'memory'; allowed: auto or stream when every epoch sees a new view (data.views is null and "
+      "data.augment is true): memory keeps data.views views, so set data.views.")),
     ("temperature-negative", ["distill.temperature=-2"],
      "distill.temperature: got -2.0; allowed: a finite number > 0."),
     ("temperature-inf", ["distill.temperature=.inf"], "distill.temperature: got inf; allowed: a finite number > 0."),
