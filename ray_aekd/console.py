@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOG_FILE", "VERBOSE_ENV", "capture_logs", "log_to_driver", "set_verbose", "verbose"]
+__all__ = ["LOG_FILE", "VERBOSE_ENV", "capture_logs", "log_to_driver", "set_verbose", "tune_verbosity", "verbose"]
 
 #: The log file's name in a run folder (``output_dir/<name>/``), sweep folder or teachers' folder.
 LOG_FILE = "ray_aekd.log"
@@ -36,6 +36,16 @@ def verbose() -> bool:
 
 def set_verbose(flag: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if flag else "0"
+
+
+def tune_verbosity() -> int:
+    """``RunConfig(verbose=...)`` for Ray Tune: its status tables only with ``--verbose``. Quiet,
+    Tune's newer console output still prints an experiment box at the start whatever the
+    verbosity (Ray 2.60), so the older one, silent at 0, is asked for unless the user chose."""
+    if verbose():
+        return 1
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return 0
 
 
 def log_to_driver() -> bool:

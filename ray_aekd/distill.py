@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import sys
 import threading
@@ -38,7 +39,7 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from ray_aekd.config import DistillConfig, FaultsConfig, flatten, with_env_faults
-from ray_aekd.console import LOG_FILE, capture_logs
+from ray_aekd.console import LOG_FILE, capture_logs, verbose
 from ray_aekd.data import open_source
 from ray_aekd.faults import UNREACHABLE_TRACKING_URI, TeacherFault
 from ray_aekd.pipeline import ViewClock, distill_dataset, fixed_view
@@ -409,6 +410,11 @@ def _distill(
     return result
 
 
+#: Epoch lines a run prints at most (every epoch up to this many; else every ceil(E / this)-th and the
+#: last; all of them with --verbose): every epoch is in metrics.jsonl and MLflow in any case.
+MAX_EPOCH_LINES = 10
+
+
 class EpochPrinter(threading.Thread):
     """Prints a run's epoch lines on the driver as rank 0 appends them to ``metrics.jsonl``, and,
     on a terminal, a progress bar of the current epoch (from the ``ViewClock``, which rank 0
@@ -438,11 +444,14 @@ class EpochPrinter(threading.Thread):
 
     def poll(self) -> None:
         lines = self._lines()
+        epochs = self.config.train.epochs
+        every = 1 if verbose() else math.ceil(epochs / MAX_EPOCH_LINES)
         for line in lines:
             if line["epoch"] > self.printed:
-                if self.bar:
-                    sys.stdout.write("\r\033[K")
-                self.log(progress_line(self.config, line["epoch"] - 1, line))
+                if line["epoch"] % every == 0 or line["epoch"] == epochs:
+                    if self.bar:
+                        sys.stdout.write("\r\033[K")
+                    self.log(progress_line(self.config, line["epoch"] - 1, line))
                 self.printed = line["epoch"]
         if self.bar and not self.done.is_set():
             with contextlib.suppress(Exception):  # the clock is gone when the run ends

@@ -35,6 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
 from ray_aekd.config import DistillConfig, DistillTeacher, apply_preset, flatten, from_dict
+from ray_aekd.console import LOG_FILE, capture_logs, tune_verbosity
 from ray_aekd.data import open_source
 from ray_aekd.distill import TrialHooks, _demands, _resources, distill, local_mode
 from ray_aekd.prepare import check_run, resolve_paths, shared_paths, teacher_key
@@ -162,7 +163,15 @@ def sweep_from_file(
 
 
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], None] = print) -> SweepResult:
-    """Run ``sweep`` over the base distillation config data ``base``; see the module docstring."""
+    """Run ``sweep`` over the base distillation config data ``base``; see the module docstring.
+    Ray's and MLflow's log records go to ``ray_aekd.log`` in the sweep's folder."""
+    with capture_logs(Path(sweep.output_dir).resolve() / sweep.name / LOG_FILE) as logs:
+        return _run_sweep(sweep, base, log, logs)
+
+
+def _run_sweep(
+    sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], None], logs: Path | None
+) -> SweepResult:
     start = time.perf_counter()
     limit_mlflow_retries()
     dimensions = parse_space(sweep.space, base, sweep.search.algorithm, sweep.soft_label_cache)
@@ -181,6 +190,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         log_to_driver=False,  # each trial's own log goes to <output_dir>/<name>/trials/<trial>.log
         demands=_demands(config),
     )
+    if logs is not None:  # after the checks: a refused sweep says only why
+        log(f"Ray's and MLflow's logs: {logs} (--verbose shows them here)")
     if train_first:
         _train_missing_teachers(config, str(sweep.teachers), log)
         _check_base(config, sweep_dir)
@@ -272,8 +283,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         run_config=tune.RunConfig(
             name=sweep.name,
             storage_path=tune_storage,
-            callbacks=[_Progress(sweep, epochs)],
-            verbose=0,
+            callbacks=[_Progress(sweep, epochs)],  # one line per trial and epoch; Tune's tables with --verbose
+            verbose=tune_verbosity(),
         ),
     )
     status, grid = "FAILED", None
