@@ -40,6 +40,8 @@ __all__ = [
     "DistillTrackingConfig",
     "FAULTS_ENV",
     "FaultsConfig",
+    "TEACHER_FAULTS_ENV",
+    "TeacherFaultsConfig",
     "LossConfig",
     "StudentConfig",
     "WorkersConfig",
@@ -215,6 +217,28 @@ class FaultsConfig:
         return self.kill_worker_rank is not None or self.kill_teacher is not None or self.mlflow_down_epoch is not None
 
 
+#: Environment variable with a YAML mapping of ``ray-aekd teachers``' ``faults`` keys; it wins over the config's.
+#: Not ``FAULTS_ENV``: a quickstart trains teachers and then distils, and each command has its own faults.
+TEACHER_FAULTS_ENV = "RAY_AEKD_TEACHER_FAULTS"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherFaultsConfig:
+    """Fault injection for ``ray-aekd teachers`` (tests, drills); off by default. The kill fires
+    once per run: a marker file in ``output_dir/faults/`` records that it has."""
+
+    kill_teacher: str | None = None  # kill the process of this teacher's Tune trial (as a pre-empted node would) ...
+    kill_teacher_epoch: int = 1  # ... just after it reported this epoch (from 1) with its checkpoint
+
+    def validate(self, prefix: str) -> None:
+        _check(self.kill_teacher != "", f"{prefix}.kill_teacher", self.kill_teacher, "a teacher's name, or null")
+        _check(self.kill_teacher_epoch >= 1, f"{prefix}.kill_teacher_epoch", self.kill_teacher_epoch, "an integer >= 1")
+
+    @property
+    def active(self) -> bool:
+        return self.kill_teacher is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
     name: str
@@ -280,10 +304,12 @@ class TrainConfig:
 class ResourcesConfig:
     cpus_per_teacher: float = 1.0
     gpus_per_teacher: float = 0.0  # fractional allowed: 0.5 puts two teachers on a GPU
+    max_failures: int = 2  # restarts of each teacher's trial, each from its last (per-epoch) checkpoint; -1: no limit
 
     def validate(self, prefix: str) -> None:
         _check(self.cpus_per_teacher > 0, f"{prefix}.cpus_per_teacher", self.cpus_per_teacher, "a number > 0")
         _check(self.gpus_per_teacher >= 0, f"{prefix}.gpus_per_teacher", self.gpus_per_teacher, "a number >= 0")
+        _check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= 0, or -1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +330,7 @@ class TeachersConfig:
     tracking: TrackingConfig = TrackingConfig(experiment="ray-aekd-teachers")
     output_dir: str = "runs/teachers"
     seed: int = 0
+    faults: TeacherFaultsConfig = TeacherFaultsConfig()  # fault injection (tests, drills); RAY_AEKD_TEACHER_FAULTS wins
 
     def validate(self, prefix: str) -> None:
         _check(len(self.teachers) >= 1, "teachers", [], "a list of at least one teacher")
@@ -312,6 +339,19 @@ class TeachersConfig:
         _check(not duplicates, "teachers", duplicates, "unique teacher names (these repeat)")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        faults = self.faults
+        _check(
+            faults.kill_teacher is None or faults.kill_teacher in names,
+            "faults.kill_teacher",
+            faults.kill_teacher,
+            f"one of the teachers ({', '.join(names)}), or null",
+        )
+        _check(
+            faults.kill_teacher is None or faults.kill_teacher_epoch <= self.train.epochs,
+            "faults.kill_teacher_epoch",
+            faults.kill_teacher_epoch,
+            f"an epoch of the run (1 to train.epochs = {self.train.epochs}): the fault could never fire",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -616,24 +656,30 @@ class DistillConfig:
         )
 
 
-def with_env_faults(config: DistillConfig, environ: Mapping[str, str] | None = None) -> DistillConfig:
-    """``config`` with the faults of ``RAY_AEKD_FAULTS`` (a YAML mapping of ``faults`` keys,
-    e.g. ``{kill_worker_rank: 1, kill_worker_step: 15}``) merged over its own."""
-    raw = (os.environ if environ is None else environ).get(FAULTS_ENV)
+_WithFaults = TypeVar("_WithFaults", DistillConfig, TeachersConfig)
+
+
+def with_env_faults(config: _WithFaults, environ: Mapping[str, str] | None = None) -> _WithFaults:
+    """``config`` with the faults of its command's environment variable merged over its own: for
+    a distillation ``RAY_AEKD_FAULTS`` (a YAML mapping of ``faults`` keys, e.g.
+    ``{kill_worker_rank: 1, kill_worker_step: 15}``), for ``ray-aekd teachers``
+    ``RAY_AEKD_TEACHER_FAULTS`` (e.g. ``{kill_teacher: b, kill_teacher_epoch: 1}``)."""
+    env = TEACHER_FAULTS_ENV if isinstance(config, TeachersConfig) else FAULTS_ENV
+    raw = (os.environ if environ is None else environ).get(env)
     if not raw:
         return config
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{FAULTS_ENV}: {raw!r} is not plain YAML ({error}).") from None
+        raise ConfigError(f"{env}: {raw!r} is not plain YAML ({error}).") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{FAULTS_ENV}: got {raw!r}; allowed: a YAML mapping of faults keys.")
+        raise ConfigError(f"{env}: got {raw!r}; allowed: a YAML mapping of faults keys.")
     try:
-        faults = from_dict(FaultsConfig, dataclasses.asdict(config.faults) | data, "faults")
+        faults = from_dict(type(config.faults), dataclasses.asdict(config.faults) | data, "faults")
         config = dataclasses.replace(config, faults=faults)
         config.validate("")
     except ConfigError as error:
-        raise ConfigError(f"{FAULTS_ENV}: {error}") from None
+        raise ConfigError(f"{env}: {error}") from None
     return config
 
 

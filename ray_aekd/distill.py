@@ -371,9 +371,9 @@ def _distill(
             raise
         raise FloatingPointError(stopped.read_text().strip()) from error  # not a worker's traceback
     finally:
+        timings["fit"] = time.perf_counter() - mark
         if printer is not None:
             printer.stop()
-        timings["fit"] = time.perf_counter() - mark
         forwards = ray.get(clock.forwards.remote())
         ray.kill(clock)
         if run_id:

@@ -5,6 +5,10 @@ failure drills can watch a run survive. Off unless asked for; see ``config.Fault
 A fault fires once per run: the first process to create its marker file in the run folder's
 ``faults/`` (shared storage on a cluster) fires it; restarted workers and actors find the
 marker and go on.
+
+``ray-aekd teachers`` has its own (``faults`` in a teachers config, or ``RAY_AEKD_TEACHER_FAULTS``;
+see ``config.TeacherFaultsConfig``): kill one teacher's Tune trial process just after it reported
+an epoch with its checkpoint, once per run (marker in ``output_dir/faults/``), with ``die``.
 """
 
 from __future__ import annotations

@@ -7,12 +7,24 @@ on chosen classes, so that users can build ensembles that genuinely disagree. Ev
 is saved as a safe checkpoint (``ray_aekd.models.checkpoint``) and logged to MLflow from the
 driver (one run per teacher: params, per-epoch metrics, the checkpoint). At the end the
 ensemble is evaluated on the validation split and a table is printed.
+
+Training survives a teacher's process dying: every epoch a trial reports a Tune checkpoint
+(``state.pt``: model, optimizer, scheduler, epoch, RNG states; tensors and plain containers
+only, read back with ``weights_only=True``), and Tune restarts a failed trial up to
+``resources.max_failures`` times; the restarted trial resumes after the checkpoint's epoch.
+The Tune checkpoints are for resuming only (under ``output_dir/_tune``); the teachers that
+distillation reads are the final ``output_dir/<name>/`` checkpoints. A whole run that was
+stopped is not resumed: running the command again trains every teacher from the start.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,19 +33,26 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from ray.tune import Callback
+from ray.tune.stopper import Stopper
 
-from ray_aekd.config import TeachersConfig, TeacherSpec, flatten, from_dict
+from ray_aekd.config import TeachersConfig, TeacherSpec, flatten, from_dict, with_env_faults
+from ray_aekd.console import LOG_FILE, capture_logs, tune_verbosity
 from ray_aekd.data import augment, normalize, open_source
 from ray_aekd.data.labels import corrupt_labels
 from ray_aekd.data.sources import ImageSource, TensorSource
 from ray_aekd.engine import classification_epoch, evaluate, make_optimizer
+from ray_aekd.faults import die, fire_once
 from ray_aekd.models import build_model
-from ray_aekd.models.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
+from ray_aekd.models.checkpoint import CheckpointMetadata, load_checkpoint, read_state_dict, save_checkpoint
 from ray_aekd.pipeline import view_settings
 from ray_aekd.session import connect
 from ray_aekd.tune_logging import MlflowTrialLogger
 
-__all__ = ["TeacherData", "load_split", "train_teachers"]
+__all__ = ["STATE_FILE", "TeacherData", "load_split", "train_teachers"]
+
+#: In a teacher trial's Tune checkpoint: its training state after an epoch.
+STATE_FILE = "state.pt"
 
 
 @dataclasses.dataclass
@@ -76,8 +95,17 @@ def teacher_data(config: TeachersConfig, spec: TeacherSpec) -> TeacherData:
     return TeacherData(train_images, train, labels, val_images, val_labels, source)
 
 
+def _say(line: str) -> None:
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def _train_one(trial_config: dict[str, Any]) -> None:
-    """Tune trainable: train teacher ``trial_config["teacher"]`` and save its checkpoint."""
+    """Tune trainable: train teacher ``trial_config["teacher"]`` and save its checkpoint.
+
+    Reports a Tune checkpoint (``STATE_FILE``) with every epoch's metrics and, when Tune
+    restarts the trial after a failure, resumes after the epoch of the last one."""
     config = from_dict(TeachersConfig, trial_config["config"])
     spec = config.teachers[trial_config["teacher"]]
     out_dir = Path(trial_config["output_dir"]) / spec.name
@@ -93,9 +121,27 @@ def _train_one(trial_config: dict[str, Any]) -> None:
     )
     val_x = normalize(data.val_images, source.mean, source.std).to(device)
     val_y = data.val_labels.to(device)
-    gen = torch.Generator().manual_seed(spec.seed + 1)
+    gen = torch.Generator().manual_seed(spec.seed + 1)  # the order of the samples, epoch by epoch
     metrics: dict[str, float] = {}
-    for epoch in range(train.epochs):
+    start_epoch = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            file = Path(folder) / STATE_FILE
+            state: dict[str, Any] = read_state_dict(
+                file.read_bytes(), STATE_FILE, f"teacher {spec.name!r}'s Tune checkpoint {checkpoint.path}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["order_rng"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start_epoch, metrics = int(state["epoch"]), dict(state["metrics"])
+        _say(f"[ray-aekd] teacher {spec.name} resuming from its checkpoint after epoch {start_epoch}")
+    faults = config.faults
+    for epoch in range(start_epoch, train.epochs):
         start = time.perf_counter()
         order = torch.randperm(len(data.train_labels), generator=gen)
 
@@ -111,7 +157,25 @@ def _train_one(trial_config: dict[str, Any]) -> None:
         scheduler.step()
         val_metrics, _ = evaluate(model, val_x, val_y)
         metrics |= val_metrics | {"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - start}
-        tune.report(metrics)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "metrics": metrics,
+            "order_rng": gen.get_state(),
+            "rng": torch.get_rng_state(),
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / STATE_FILE)
+            # returns once the checkpoint is in storage and the driver has the result (Tune's
+            # function trainables report synchronously): a restart resumes after this epoch
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        doomed = faults.kill_teacher == spec.name and epoch + 1 == faults.kill_teacher_epoch
+        if doomed and fire_once(Path(trial_config["output_dir"]) / "faults", "kill_teacher"):
+            die(f"killing the trial process of teacher {spec.name!r} (pid {os.getpid()}) after epoch {epoch + 1}")
     save_checkpoint(
         str(out_dir),
         model.cpu(),
@@ -139,8 +203,15 @@ class TeachersResult:
 
 
 def train_teachers(config: TeachersConfig, log: Callable[[str], None] = print) -> TeachersResult:
-    """Train every teacher of ``config`` concurrently, then evaluate the ensemble."""
+    """Train every teacher of ``config`` concurrently, then evaluate the ensemble. Ray's and
+    MLflow's log records go to ``ray_aekd.log`` in ``output_dir`` (``ray_aekd.console``)."""
+    with capture_logs(Path(config.output_dir).resolve() / LOG_FILE) as logs:
+        return _train_teachers(config, log, logs)
+
+
+def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Path | None) -> TeachersResult:
     start = time.perf_counter()
+    config = with_env_faults(config)
     if config.data.path is not None and "://" not in config.data.path:
         # Tune runs each trial in its own working directory: pass the trials an absolute path
         config = dataclasses.replace(
@@ -151,11 +222,21 @@ def train_teachers(config: TeachersConfig, log: Callable[[str], None] = print) -
     _check_cluster(config)
     output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(output_dir / "faults", ignore_errors=True)  # a fault fires once per run: an earlier run's markers go
     (output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     res = config.resources
     trainable = tune.with_resources(_train_one, {"cpu": res.cpus_per_teacher, "gpu": res.gpus_per_teacher})
     names = [t.name for t in config.teachers]
-    logger = MlflowTrialLogger(
+    if config.faults.active:
+        log(
+            f"fault injection on: kill the trial process of teacher {config.faults.kill_teacher!r} after its epoch "
+            f"{config.faults.kill_teacher_epoch}"
+        )
+    failures = _TeacherFailures(names, res.max_failures, log)
+    # keeping only each trial's newest checkpoint (num_to_keep below) makes Tune snapshot its experiment
+    # state with every checkpoint, and warn about it when epochs are short; that snapshot took ~10 ms here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    logger = _TeacherLogger(
         uri=config.tracking.uri,
         experiment=config.tracking.experiment,
         run_name=lambda trial: names[trial.config["teacher"]],
@@ -163,6 +244,8 @@ def train_teachers(config: TeachersConfig, log: Callable[[str], None] = print) -
         artifact_dir=lambda trial: str(output_dir / names[trial.config["teacher"]]),
     )
     log(f"training {len(names)} teachers ({', '.join(names)}) on Ray; MLflow: {logger.uri}")
+    if logs == output_dir / LOG_FILE:  # not when a command around it (quickstart) said where
+        log(f"Ray's and MLflow's logs: {logs} (--verbose shows them here)")
     tuner = tune.Tuner(
         trainable,
         param_space={
@@ -174,15 +257,24 @@ def train_teachers(config: TeachersConfig, log: Callable[[str], None] = print) -
         run_config=tune.RunConfig(
             name="teachers",
             storage_path=str(output_dir / "_tune"),
-            callbacks=[logger],
-            verbose=1,
-            failure_config=tune.FailureConfig(fail_fast=True),
+            callbacks=[logger, failures, _TeacherDone(names, log)],
+            stop=failures,
+            verbose=tune_verbosity(),  # Tune's status tables with --verbose; else one line per finished teacher
+            # Tune refuses fail_fast with retries (its first failure, even one it would retry, stops
+            # the experiment), so: without retries fail fast as before; with them, a failed trial is
+            # restarted from its last checkpoint and the others train on, and a teacher whose
+            # retries are spent stops the run at once through the stopper (`_TeacherFailures`)
+            failure_config=tune.FailureConfig(max_failures=res.max_failures, fail_fast=res.max_failures == 0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the newest is the one a restart needs
         ),
     )
     results = tuner.fit()
-    errors = [r.error for r in results if r.error is not None]
+    errors = [(names[r.config["teacher"]], r.error) for r in results if r.error is not None]
     if errors:
-        raise RuntimeError(f"{len(errors)} teacher(s) failed; first error: {errors[0]}")
+        raise RuntimeError(
+            f"{len(errors)} teacher(s) failed ({', '.join(n for n, _ in errors)}; resources.max_failures = "
+            f"{res.max_failures} restarts each); first error: {errors[0][1]}"
+        )
 
     val_images, val_labels = _stack(source, val)
     val_x = normalize(val_images, source.mean, source.std)
@@ -216,6 +308,59 @@ def train_teachers(config: TeachersConfig, log: Callable[[str], None] = print) -
     (output_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     log(format_table(result))
     return result
+
+
+class _TeacherLogger(MlflowTrialLogger):
+    """One MLflow run per teacher, also across restarts: Tune calls ``on_trial_start`` again for a
+    restarted trial, whose run goes on (its epochs after the checkpoint follow the ones logged)."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id not in self._runs:
+            super().on_trial_start(iteration, trials, trial, **info)
+
+
+class _TeacherDone(Callback):
+    """One line per teacher when it has trained all its epochs."""
+
+    def __init__(self, names: list[str], log: Callable[[str], None]) -> None:
+        self.names, self.log = names, log
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        self.log(
+            f"[ray-aekd] teacher {self.names[trial.config['teacher']]}: {result.get('epoch', 0)} epochs, "
+            f"val/acc1 {result.get('val/acc1', float('nan')):.4f}"
+        )
+
+
+class _TeacherFailures(Callback, Stopper):
+    """Says when Tune restarts a failed teacher, and stops the whole run (as ``fail_fast`` would)
+    once a teacher has failed for good, its ``max_failures`` restarts spent."""
+
+    def __init__(self, names: list[str], max_failures: int, log: Callable[[str], None]) -> None:
+        self.names, self.max_failures, self.log = names, max_failures, log
+        self.failed: list[str] = []
+
+    def _name(self, trial: Any) -> str:
+        return self.names[trial.config["teacher"]]
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epoch = (trial.last_result or {}).get("epoch") if trial.checkpoint is not None else None
+        limit = "no limit" if self.max_failures < 0 else f"at most {self.max_failures}"
+        where = f"from its checkpoint after epoch {epoch}" if epoch else "from the start: it had no checkpoint yet"
+        self.log(
+            f"[ray-aekd] teacher {self._name(trial)} failed (restart {trial.num_failures}, resources.max_failures: "
+            f"{limit}); restarting it {where}"
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed.append(self._name(trial))
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return bool(self.failed)
 
 
 def format_table(result: TeachersResult) -> str:

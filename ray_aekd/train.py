@@ -37,7 +37,7 @@ from ray_aekd.faults import UNREACHABLE_TRACKING_URI, die, fire_once
 from ray_aekd.losses import HintRegressors
 from ray_aekd.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
 from ray_aekd.models import build_model
-from ray_aekd.models.checkpoint import CheckpointMetadata, save_checkpoint
+from ray_aekd.models.checkpoint import CheckpointMetadata, read_state_dict, save_checkpoint
 from ray_aekd.models.export import with_preprocess
 from ray_aekd.models.preprocess import Preprocess
 from ray_aekd.pipeline import feature_column, logits_column
@@ -406,7 +406,7 @@ LOCAL_CHECKPOINT = "checkpoint_local"
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_state_dict(path.read_bytes(), path.name, f"the checkpoint {path}")  # tensors and plain data only
 
 
 def _resume_state(checkpoint: Any, train_dir: str | None, local: bool) -> dict[str, Any] | None:

@@ -46,6 +46,14 @@ GOOD_TEACHERS = "teachers:\n  - {name: a, model: digits_mlp}\n"
         (GOOD_TEACHERS, ["data.dataset=mnist"], r"data.dataset: got 'mnist'; allowed: digits, cifar10"),
         (GOOD_TEACHERS, ["data.dataset=cifar10"], r"data.path: got None; allowed: a folder for dataset 'cifar10'"),
         (GOOD_TEACHERS, ["resources.gpus_per_teacher=-1"], r"resources.gpus_per_teacher: got -1.0"),
+        (GOOD_TEACHERS, ["resources.max_failures=-2"], r"resources.max_failures: got -2; allowed: an integer >= 0, or"),
+        (GOOD_TEACHERS, ["resources.max_failures=1.5"], r"resources.max_failures: got 1.5; allowed: an integer"),
+        (GOOD_TEACHERS, ["faults.kill_teacher=z"], r"faults.kill_teacher: got 'z'; allowed: one of the teachers \(a\)"),
+        (
+            GOOD_TEACHERS,
+            ["faults.kill_teacher=a", "faults.kill_teacher_epoch=11"],
+            r"faults.kill_teacher_epoch: got 11; allowed: an epoch of the run \(1 to train.epochs = 10\)",
+        ),
         ("teachers: []\n", [], r"teachers: got \[\]; allowed: a list of at least one teacher"),
         (
             GOOD_TEACHERS + "  - {name: a, model: resnet8}\n",
