@@ -11,7 +11,8 @@ The same sweep (``ray_aekd.sweep.run_sweep``, grid search, ``distill.tolerance_f
     training split and once over the validation split, then every trial reads the Parquet cache
     and runs no teacher;
 (b) uncached: ``soft_label_cache: false``. Every trial runs the teachers online, on view
-    ``epoch mod V`` (``data.views`` is set for both, so both see the same pixels).
+    ``epoch mod V`` (``data.views`` is set for both, so both see the same pixels), every epoch
+    (``--uncached-mode stream``, the default) or once per view, kept in memory (``auto``).
 
 Measured per sweep: wall seconds around ``run_sweep`` (from its start to its end: the checks,
 the relabel of (a), every trial, the MLflow parent run and its plots), the relabel's own seconds
@@ -150,6 +151,8 @@ def write_configs(
             "trial_cpus": TRIAL_CPUS,
             "soft_label_cache": cached,
         }
+        if not cached:  # the baseline: the teachers every epoch (stream), or once per view per trial (auto)
+            sweep["overrides"] = {"cache": {"mode": args.uncached_mode}}
         paths[mode] = work / f"sweep_{mode}.yaml"
         paths[mode].write_text(yaml.safe_dump(sweep, sort_keys=False))
     return paths
@@ -282,6 +285,9 @@ def main() -> int:
     add("--batch-size", type=int, default=64, help="training batch (default 64)")
     add("--concurrency", type=int, default=2, help="max_concurrent_trials of both sweeps (default 2)")
     add("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 3 x concurrency)")
+    add("--uncached-mode", choices=("stream", "auto"), default="stream",
+        help="cache.mode of the uncached sweep's trials: stream (teachers every epoch, the baseline) or auto "
+        "(each trial runs them once per view and keeps the views in memory)")
     add("--order", choices=("cached-first", "uncached-first"), default="cached-first", help="which sweep runs first")
     add("--data-dir", type=Path, default=Path("/tmp/cifar10-jpg"), help="where the tarball is (or gets) extracted")
     add("--tarball", type=Path, default=bench_pipeline.TARBALL, help="CIFAR-10 training JPEGs, train/<class>/*.jpg")
@@ -390,6 +396,7 @@ def main() -> int:
                 "trials": trials,
                 "epochs": args.epochs,
                 "views": args.views,
+                "uncached_cache_mode": args.uncached_mode,
                 "batch_size": args.batch_size,
                 "loss": LOSS,
                 "optimizer": OPTIM,

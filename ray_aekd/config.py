@@ -192,6 +192,11 @@ CACHE_MODES = ("auto", "memory", "stream")
 FAULTS_ENV = "RAY_AEKD_FAULTS"
 
 
+def _check_kill_teacher(teacher: str | None, names: list[str]) -> None:
+    _check(teacher is None or teacher in names, "faults.kill_teacher", teacher,
+           f"one of the teachers ({', '.join(names)}), or null")  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class FaultsConfig:
     """Fault injection for tests and failure drills; everything off by default. Each fault
@@ -340,12 +345,7 @@ class TeachersConfig:
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         faults = self.faults
-        _check(
-            faults.kill_teacher is None or faults.kill_teacher in names,
-            "faults.kill_teacher",
-            faults.kill_teacher,
-            f"one of the teachers ({', '.join(names)}), or null",
-        )
+        _check_kill_teacher(faults.kill_teacher, names)
         _check(
             faults.kill_teacher is None or faults.kill_teacher_epoch <= self.train.epochs,
             "faults.kill_teacher_epoch",
@@ -627,12 +627,7 @@ class DistillConfig:
         _check(self.storage_path != "", "storage_path", self.storage_path, "a path or URI (s3://, gs://), or null")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         faults = self.faults
-        _check(
-            faults.kill_teacher is None or faults.kill_teacher in names,
-            "faults.kill_teacher",
-            faults.kill_teacher,
-            f"one of the teachers ({', '.join(names)}), or null",
-        )
+        _check_kill_teacher(faults.kill_teacher, names)
         _check(
             faults.kill_teacher is None or self.cache.path is None,
             "faults.kill_teacher",

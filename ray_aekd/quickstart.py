@@ -112,7 +112,7 @@ def run_quickstart(
     output_dir = Path(output_dir).resolve()
     t_config = teachers_config(output_dir, teacher_epochs, seed)
     with capture_logs(output_dir / LOG_FILE) as logs:
-        if logs is not None:
+        if logs is not None:  # the quickstart's inputs are checked above: nothing refuses it after this
             log(f"Ray's and MLflow's logs: {logs} (--verbose shows them here)")
         return _run(output_dir, t_config, student_epochs, workers, seed, strategies, log, start)
 
