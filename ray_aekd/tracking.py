@@ -12,6 +12,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,26 @@ class RunLogger:
         self.uri, self.run_id, self.run_dir = uri, run_id, run_dir
         self._client: MlflowClient | None = None
         self._enabled = run_id is not None
+        self._pending: list[Future[None]] = []
+        self._thread: ThreadPoolExecutor | None = None
+
+    def log_metrics_later(self, metrics: dict[str, float], step: int) -> None:
+        """``log_metrics`` on a background thread, in order: the training loop does not wait for
+        the tracking server. ``flush`` waits for what is queued."""
+        if not self._enabled:
+            return
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._pending.append(self._thread.submit(self.log_metrics, dict(metrics), step))
+
+    def flush(self) -> None:
+        """Wait until every ``log_metrics_later`` call has been made (each fails softly, as ``_call``)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        if self._thread is not None:
+            self._thread.shutdown()
+            self._thread = None
 
     @property
     def enabled(self) -> bool:

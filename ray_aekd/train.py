@@ -257,6 +257,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.train()
         down = faults.mlflow_down_epoch is not None and epoch + 1 >= faults.mlflow_down_epoch
         if rank == 0 and down and logger.uri != UNREACHABLE_TRACKING_URI:  # the server goes away
+            logger.flush()
             logger = RunLogger(UNREACHABLE_TRACKING_URI, logger.run_id if logger.enabled else None, run_dir)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, loss, ce, kd (and hint)
         tally = torch.zeros(loop_config["source_size"], dtype=torch.int64, device=device)  # times each sample came
@@ -386,8 +387,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     f.write(json.dumps({"epoch": epoch + 1, "step": step, **metrics}) + "\n")
             session.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
         logging = time.perf_counter()
-        if rank == 0 and epoch + 1 not in logged:  # after the checkpoint is committed
-            logger.log_metrics(metrics, step=epoch + 1)
+        if rank == 0 and epoch + 1 not in logged:  # after the checkpoint is committed; the next epoch does not wait
+            logger.log_metrics_later(metrics, step=epoch + 1)
         if rank == 0:
             done = time.perf_counter()
             _record_time(
@@ -395,6 +396,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 eval=reported - evaluated, report=logging - reported, mlflow=done - logging,
             )  # fmt: skip
 
+    logger.flush()
     if rank == 0 and not (run_dir / DONE_FILE).exists():
         finishing = time.perf_counter()
         _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger, val_shard)

@@ -1,14 +1,15 @@
 """MLflow logging from processes that write to one SQLite store at the same moment, as a
-sweep's trials do: every run keeps what it logged."""
+sweep's trials do: every run keeps what it logged; and logging that does not hold up training."""
 
 from __future__ import annotations
 
 import multiprocessing
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from ray_aekd.tracking import dataset_input, experiment_id, log_dataset
+from ray_aekd.tracking import RunLogger, dataset_input, experiment_id, log_dataset
 
 
 def _open_run_with_input(args: tuple[str, str, float]) -> str:
@@ -35,3 +36,23 @@ def test_trials_logging_the_same_dataset_at_once_all_keep_it_as_their_input(tmp_
         inputs = client.get_run(run_id).inputs.dataset_inputs
         assert [(i.dataset.name, i.dataset.digest) for i in inputs] != []
         assert inputs[0].dataset.digest.startswith("digest")
+
+
+def test_metrics_logged_in_the_background_arrive_in_order_and_a_lost_server_only_warns(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, "background"))
+    logger = RunLogger(uri, run.info.run_id, tmp_path)
+    for step in (1, 2, 3):
+        logger.log_metrics_later({"val/acc1": step / 10}, step=step)
+    logger.flush()
+    history = client.get_metric_history(run.info.run_id, "val/acc1")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    gone = RunLogger("http://127.0.0.1:9", run.info.run_id, tmp_path)  # nothing listens there
+    with pytest.warns(RuntimeWarning, match="MLflow at http://127.0.0.1:9 failed while logging metrics"):
+        gone.log_metrics_later({"val/acc1": 0.4}, step=4)
+        gone.flush()  # the training loop goes on: no exception
+    assert not gone.enabled and (tmp_path / "mlflow_failed.txt").exists()
