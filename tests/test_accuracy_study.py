@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+pytestmark = pytest.mark.slow
+
 STUDY = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy.py"
 LABELS = {"none", "average", "aekd_c0.6", "aekd_best", "mgda"}
 

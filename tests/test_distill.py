@@ -28,6 +28,7 @@ def smoke_config(teachers, tmp_path, *extra):
     return load_config(DistillConfig, SMOKE, [*teacher_overrides(teachers), f"output_dir={tmp_path / 'out'}", *extra])
 
 
+@pytest.mark.slow
 def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -127,6 +128,7 @@ def test_unreachable_mlflow_does_not_stop_training(local_ray, digits_teachers, t
     assert (Path(result.run_dir) / "mlflow_run_id").read_text() == run_id
 
 
+@pytest.mark.slow
 def test_quickstart_smoke(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -145,6 +147,7 @@ def test_quickstart_smoke(local_ray, tmp_path, monkeypatch):
     assert names == ["cnn_a", "cnn_b", "mlp_c", "quickstart-aekd", "quickstart-average"]
 
 
+@pytest.mark.slow
 def test_distill_bad_input_is_one_line_before_ray(digits_teachers, tmp_path):
     base = ["distill", "--config", str(SMOKE), *[f"--set={s}" for s in teacher_overrides(digits_teachers)]]
     cases = [

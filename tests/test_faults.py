@@ -28,6 +28,7 @@ def epochs_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_killed_train_worker_restarts_from_its_checkpoint(local_ray, digits_teachers, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -55,6 +56,7 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint(local_ray, digits_te
     assert (run_dir / "student" / "weights.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_teacher_actor_is_restarted_and_no_sample_is_lost(local_ray, digits_teachers, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     # cnn_a runs as an actor pool; the actor that receives the stage's 3rd batch of the run dies
@@ -75,6 +77,7 @@ def test_a_killed_teacher_actor_is_restarted_and_no_sample_is_lost(local_ray, di
     assert all(r["train/repeated_samples"] == 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_mlflow_going_away_keeps_the_run_and_upload_fills_it_in(local_ray, digits_teachers, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -113,6 +116,7 @@ def test_mlflow_going_away_keeps_the_run_and_upload_fills_it_in(local_ray, digit
     assert not (run_dir / "mlflow_failed.txt").exists()  # uploaded: nothing left to say
 
 
+@pytest.mark.slow
 def test_non_finite_teacher_logits_stop_the_run_naming_the_teacher(local_ray, digits_teachers, tmp_path, capsys):
     """A teacher whose finite weights overflow to Inf on some real images, but not on the two that
     the checks before Ray run it on (they catch a teacher that is never finite): the first

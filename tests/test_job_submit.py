@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 from ray_head import ray_head
+
+# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+pytestmark = pytest.mark.slow
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"

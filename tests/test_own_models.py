@@ -101,6 +101,7 @@ def _teachers(models) -> str:
     )
 
 
+@pytest.mark.slow
 def test_own_teachers_distil_and_the_student_works_outside(local_ray, own_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -190,6 +191,7 @@ def test_own_teachers_distil_and_the_student_works_outside(local_ray, own_models
     assert client.get_model_version_by_alias("own-student", "champion").run_id == result.mlflow_run_id
 
 
+@pytest.mark.slow
 def test_evaluate_logs_a_run_with_a_confusion_matrix_and_a_reliability_diagram(own_models, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     held = f"imagefolder:{own_models['held_out']}"
@@ -216,6 +218,7 @@ def test_evaluate_logs_a_run_with_a_confusion_matrix_and_a_reliability_diagram(o
     assert run.inputs.dataset_inputs[0].tags[0].value == "evaluation"
 
 
+@pytest.mark.slow
 def test_export_writes_a_program_with_the_preprocessing_inside(own_models, tmp_path):
     """``ray-aekd export`` of a state dict: the .pt2 takes [0, 1] images, gives the model's logits,
     and evaluates (as a teacher source would load it) to the same accuracy."""
@@ -242,6 +245,7 @@ def test_export_writes_a_program_with_the_preprocessing_inside(own_models, tmp_p
     assert exported.predictions == by_hand.predictions
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_model_for_other_classes(own_models, tmp_path, capsys):
     """A model that records class names other than the data's is refused, naming both."""
     from ray_aekd.evaluate import export_model, open_eval_data, parse_model

@@ -34,6 +34,7 @@ def test_layout_and_typing_marker():
     assert (ROOT / "ray_aekd" / "py.typed").exists()
 
 
+@pytest.mark.slow
 def test_console_script_runs_the_demo(tmp_path):
     out_json = tmp_path / "demo.json"
     cmd = [

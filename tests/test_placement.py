@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 SMOKE = HERE.parent / "tune_configs" / "distill_smoke.yaml"
 
 
+@pytest.mark.slow
 def test_teachers_and_workers_run_where_the_config_places_them(digits_teachers, tmp_path):
     """Three simulated nodes: a head, a teacher node (custom resource teacher_gpu and label
     role=teacher) and a student node (label role=student). Where every teacher actor and task

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
@@ -13,6 +14,9 @@ from safetensors.torch import load_file
 
 from ray_aekd.config import DistillConfig, load_config
 from ray_aekd.distill import distill
+
+# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+pytestmark = pytest.mark.slow
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"
 # Two workers: the gradient all-reduce and the AE-KD statistics are sums of two partial sums, so

@@ -38,6 +38,7 @@ def config(teachers, tmp_path, *extra):
     )
 
 
+@pytest.mark.slow
 def test_a_cached_run_trains_the_same_student_as_an_online_run_and_runs_no_teacher(
     local_ray, digits_teachers, tmp_path
 ):

@@ -16,6 +16,9 @@ from ray_aekd.models.checkpoint import load_checkpoint
 from ray_aekd.sweep import run_sweep
 from ray_aekd.sweep_space import load_sweep
 
+# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+pytestmark = pytest.mark.slow
+
 SWEEP_SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "sweep_smoke.yaml"
 NUM_TRAIN, NUM_VAL = 1438, 359
 

@@ -19,6 +19,7 @@ from ray_aekd.tracking import local_checkpoint_path
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "teachers_smoke.yaml"
 
 
+@pytest.mark.slow
 def test_teachers_train_checkpoint_and_log(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow puts artifacts in ./mlruns next to the SQLite store
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
