@@ -427,6 +427,7 @@ class EpochPrinter(threading.Thread):
         super().__init__(daemon=True)
         self.config, self.metrics, self.clock, self.log = config, metrics, clock, log
         self.done = threading.Event()
+        self.lock = threading.Lock()
         self.bar = sys.stdout.isatty()
         self.steps = max(1, steps)  # per epoch, on each worker
         self.printed = len(self._lines())  # a resumed run's earlier epochs were printed by its first attempt
@@ -443,6 +444,10 @@ class EpochPrinter(threading.Thread):
         return lines
 
     def poll(self) -> None:
+        with self.lock:  # stop() polls once more while the thread may still be in its last poll
+            self._poll()
+
+    def _poll(self) -> None:
         lines = self._lines()
         epochs = self.config.train.epochs
         every = 1 if verbose() else math.ceil(epochs / MAX_EPOCH_LINES)

@@ -214,11 +214,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         alpha_path.unlink(missing_ok=True)
         if rank == 0:
             metrics_path.unlink(missing_ok=True)
-            (run_dir / DONE_FILE).unlink(missing_ok=True)
     else:
         _truncate_csv(alpha_path, start_epoch)
         if rank == 0:
             _truncate_jsonl(metrics_path, start_epoch)
+    if rank == 0 and start_epoch < train.epochs:  # epochs left to train: the exported student will be stale
+        (run_dir / DONE_FILE).unlink(missing_ok=True)
     # epochs MLflow has already: after a worker-group restart, the epochs since the last checkpoint
     # Train had recorded (possibly all of them: it records a reported checkpoint asynchronously) are
     # trained again, and must not be logged twice; MLflow keeps the first attempt's values

@@ -87,6 +87,9 @@ def test_two_workers_agree_log_everything_and_resume(local_ray, digits_teachers,
         log=lines.append,
     )
     assert again.mlflow_run_id == result.mlflow_run_id
+    # the student saved after the resumed run is the epoch-2 one, not the one the first run exported
+    _, resumed = load_checkpoint(again.student_checkpoint, expect_num_classes=10)
+    assert resumed.metrics["val/acc1"] == pytest.approx(again.metrics["val/acc1"])
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [1, 2]

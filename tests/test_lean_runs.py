@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from ray_aekd.config import DistillConfig, load_config
 from ray_aekd.distill import distill
+from ray_aekd.models.checkpoint import load_checkpoint
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"
 NUM_TRAIN, NUM_VAL = 1438, 359  # digits at val_fraction 0.2
@@ -72,6 +73,8 @@ def test_one_worker_runs_here_reuses_its_views_is_quiet_and_resumes(
     history = MlflowClient(uri).get_metric_history(result.mlflow_run_id, "val/acc1")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     assert (tmp_path / "out" / "_train" / "smoke" / "checkpoint_local" / "state.pt").exists()
+    _, resumed = load_checkpoint(again.student_checkpoint, expect_num_classes=10)  # the epoch-5 student
+    assert resumed.metrics["val/acc1"] == pytest.approx(again.metrics["val/acc1"])
 
 
 @pytest.mark.slow
