@@ -232,7 +232,7 @@ def _read_json(path: Path) -> Any:
 def train_or_reuse_teachers(scenario: Scenario, folder: Path, uri: str, experiment: str) -> dict[str, Any]:
     """The teachers' summary (accuracies, checkpoints); trains them unless this exact set exists."""
     from ray_aekd.config import TeachersConfig, from_dict
-    from ray_aekd.teachers import train_teachers
+    from ray_aekd.distributed.teachers import train_teachers
 
     config = from_dict(
         TeachersConfig,
@@ -299,8 +299,8 @@ def sweep_settings(scenario: Scenario, folder: Path) -> dict[str, Any]:
 def tune_tolerance(scenario: Scenario, base: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Sweep C for AE-KD on the tuning split (seed 0); returns the best C and every trial's score."""
     from ray_aekd.config import from_dict
-    from ray_aekd.sweep import run_sweep
-    from ray_aekd.sweep_space import SweepConfig
+    from ray_aekd.distributed.sweep import run_sweep
+    from ray_aekd.distributed.sweep_space import SweepConfig
 
     sweep_data = sweep_settings(scenario, folder)
     key = _fingerprint([sweep_data, base])
@@ -358,7 +358,7 @@ def relabel_seed(config_data: dict[str, Any], scenario: Scenario, seed: int) -> 
     """Write (or keep) this seed's soft-label cache: the teachers' logits for its views.
     Returns the seconds the cache took to make (when it was made)."""
     from ray_aekd.config import DistillConfig, from_dict
-    from ray_aekd.soft_labels import relabel
+    from ray_aekd.distributed.soft_labels import relabel
 
     config = from_dict(DistillConfig, config_data)
     log = lambda line: say(f"{scenario.name} relabel seed {seed}: {line}")  # noqa: E731
@@ -375,7 +375,7 @@ def run_student(config_data: dict[str, Any], scenario: Scenario, label: str, see
     from mlflow.tracking import MlflowClient
 
     from ray_aekd.config import DistillConfig, from_dict
-    from ray_aekd.distill import distill
+    from ray_aekd.distributed.distill import distill
 
     folder = Path(config_data["output_dir"]) / config_data["name"]
     saved_file = folder / "study_result.json"
@@ -504,7 +504,7 @@ def plot_scenario(result: dict[str, Any], rows: list[dict[str, Any]], folder: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ray_aekd.plots import plot_cosine_matrix, plot_weights
+    from ray_aekd.tracking.plots import plot_cosine_matrix, plot_weights
 
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -568,8 +568,8 @@ def log_summary(result: dict[str, Any], plots: dict[str, Path], folder: Path, ur
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from ray_aekd.provenance import environment_tags
-    from ray_aekd.tracking import experiment_id
+    from ray_aekd._provenance import environment_tags
+    from ray_aekd.tracking.runs import experiment_id
 
     client = MlflowClient(uri)
     id_file = folder / "summary_run_id"
@@ -702,13 +702,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from ray_aekd.tracking import open_store, resolve_tracking_uri
+    from ray_aekd.tracking.runs import open_store, resolve_tracking_uri
 
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # bench_pipeline, for the machine's description
         sys.path.insert(0, here)
     machine = importlib.import_module("bench_pipeline").machine
-    from ray_aekd.provenance import environment
+    from ray_aekd._provenance import environment
 
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

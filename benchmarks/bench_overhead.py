@@ -43,9 +43,9 @@ FOREIGN = re.compile(
 def run_distillation(work: Path, epochs: int, workers: int, seed: int) -> dict:
     import ray
 
-    from ray_aekd.distill import distill
-    from ray_aekd.quickstart import _reusable_teachers, distill_config, teachers_config
-    from ray_aekd.teachers import train_teachers
+    from ray_aekd.cli.quickstart import _reusable_teachers, distill_config, teachers_config
+    from ray_aekd.distributed.distill import distill
+    from ray_aekd.distributed.teachers import train_teachers
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -58,11 +58,11 @@ import torch
 
 from ray_aekd import __version__
 from ray_aekd.config import DistillConfig, from_dict
+from ray_aekd.core.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
+from ray_aekd.core.step import DistillSettings, distill_step, make_optimizer
 from ray_aekd.data import normalize, open_source, split_indices
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.data.views import augment
-from ray_aekd.engine import DistillSettings, distill_step, make_optimizer
-from ray_aekd.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
 from ray_aekd.models import build_model
 from ray_aekd.models.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
 
@@ -261,7 +261,7 @@ def run_inline(
     threads: int,
 ) -> dict[str, Any]:
     """The pipeline's work in one process; per-epoch times of the training pass, split by phase."""
-    from ray_aekd.pipeline import view_settings  # a plain function; nothing of Ray runs
+    from ray_aekd.distributed.pipeline import view_settings  # a plain function; nothing of Ray runs
 
     torch.set_num_threads(threads)
     setup_start = time.perf_counter()
@@ -416,7 +416,7 @@ def run_pipeline(
     import mlflow
     import ray
 
-    from ray_aekd.distill import distill
+    from ray_aekd.distributed.distill import distill
 
     uri = f"sqlite:///{output_dir / 'mlflow.db'}"
     experiment = "bench-pipeline"

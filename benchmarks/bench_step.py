@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from ray_aekd import __version__
-from ray_aekd.losses import distillation_loss, kd_losses
+from ray_aekd.core.losses import distillation_loss, kd_losses
+from ray_aekd.core.weighting import aekd_weights, kd_logit_gradients, min_norm_weights, teacher_gram
 from ray_aekd.models import cifar_resnet
-from ray_aekd.weighting import aekd_weights, kd_logit_gradients, min_norm_weights, teacher_gram
 
 BATCH, CLASSES, TEACHERS, TEMPERATURE, TOLERANCE = 64, 100, 5, 4.0, 0.6
 TARGETS = {"aekd_over_average_max": 1.05, "authors_over_aekd_min": 3.0, "svm_over_solver_at_m5_min": 20.0}

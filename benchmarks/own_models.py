@@ -79,7 +79,7 @@ def main() -> None:
                  "tracking.experiment=own-models"]  # fmt: skip
     config = load_config(DistillConfig, SMOKE, overrides)
 
-    from ray_aekd.prepare import check_run, resolve_paths
+    from ray_aekd.distributed.prepare import check_run, resolve_paths
 
     resolved = resolve_paths(config, root / "runs" / "own")
     data = ImageFolderSource(train_dir)
@@ -104,7 +104,7 @@ def main() -> None:
     import os
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    from ray_aekd.distill import distill
+    from ray_aekd.distributed.distill import distill
 
     result = distill(config, log=print)
     scores = {}

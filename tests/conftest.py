@@ -26,10 +26,10 @@ def digits_teachers(tmp_path_factory):
     its own classes so that they disagree, saved as checkpoints. Returns ``{name: folder}``."""
     import torch
 
+    from ray_aekd.core.step import classification_epoch, make_optimizer
     from ray_aekd.data import normalize, split_indices
     from ray_aekd.data.labels import corrupt_labels
     from ray_aekd.data.sources import digits_source
-    from ray_aekd.engine import classification_epoch, make_optimizer
     from ray_aekd.models import build_model
     from ray_aekd.models.checkpoint import CheckpointMetadata, save_checkpoint
 

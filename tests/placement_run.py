@@ -22,7 +22,7 @@ def main(teachers: dict[str, str], work: Path) -> dict:
     from ray.util.state import list_actors, list_tasks
 
     from ray_aekd.config import DistillConfig, load_config
-    from ray_aekd.distill import distill
+    from ray_aekd.distributed.distill import distill
 
     cluster = Cluster(
         initialize_head=True,

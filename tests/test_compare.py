@@ -19,7 +19,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from ray_aekd.compare import (
+from ray_aekd.tracking.compare import (
     collect_runs,
     compare,
     format_table,

@@ -14,12 +14,12 @@ from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 from test_package import RAY_AEKD
 
+from ray_aekd.cli.quickstart import run_quickstart
 from ray_aekd.config import DistillConfig, load_config
+from ray_aekd.core.step import evaluate
 from ray_aekd.data import normalize, open_source, split_indices
-from ray_aekd.distill import distill
-from ray_aekd.engine import evaluate
+from ray_aekd.distributed.distill import distill
 from ray_aekd.models.checkpoint import load_checkpoint
-from ray_aekd.quickstart import run_quickstart
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"
 
@@ -120,7 +120,7 @@ def test_unreachable_mlflow_does_not_stop_training(local_ray, digits_teachers, t
     assert (Path(result.run_dir) / "student" / "weights.safetensors").exists()
 
     # the server never saw the run: `ray-aekd upload` to a reachable store creates it there
-    from ray_aekd.upload import upload
+    from ray_aekd.tracking.upload import upload
 
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     run_id = upload(result.run_dir, tracking_uri=uri, log=lines.append)
@@ -222,7 +222,7 @@ def test_hint_level_aekd_through_the_pipeline(local_ray, digits_teachers, tmp_pa
 
 def test_a_run_saved_before_a_config_key_existed_resumes_and_a_changed_split_does_not(digits_teachers, tmp_path):
     from ray_aekd.config import flatten
-    from ray_aekd.distill import _check_resume
+    from ray_aekd.distributed.distill import _check_resume
 
     config = smoke_config(digits_teachers, tmp_path)
     saved = json.loads(json.dumps(flatten(config)))

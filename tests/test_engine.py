@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ray_aekd.core.losses import distillation_loss
+from ray_aekd.core.step import DistillSettings, classification_epoch, distill_step, evaluate, make_optimizer
 from ray_aekd.data import normalize, split_indices
 from ray_aekd.data.sources import digits_source
-from ray_aekd.engine import DistillSettings, classification_epoch, distill_step, evaluate, make_optimizer
-from ray_aekd.losses import distillation_loss
 from ray_aekd.models import build_model
 
 
@@ -145,8 +145,8 @@ def test_identical_teachers_give_the_same_update_under_every_strategy(digits, te
 def test_hint_level_aekd_step(digits, teachers):
     """Hints: the student and its per-teacher regressors learn, hint terms get their own AE-KD
     weights within [0, C] summing to 1."""
-    from ray_aekd.engine import HintStudent
-    from ray_aekd.losses import HintRegressors
+    from ray_aekd.core.losses import HintRegressors
+    from ray_aekd.core.step import HintStudent
 
     x, y, _, _ = digits
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def test_hint_level_aekd_step(digits, teachers):
 
 
 def test_validation_metrics_from_sums():
-    from ray_aekd.metrics import validation_metrics, validation_sums
+    from ray_aekd.core.metrics import validation_metrics, validation_sums
 
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [4.0, 0.0, 0.0]])
     labels = torch.tensor([0, 1, 0, 1])

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from test_package import RAY_AEKD
 
 from ray_aekd.config import ConfigError, DistillConfig, load_config, with_env_faults
-from ray_aekd.distill import distill
+from ray_aekd.distributed.distill import distill
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"
 TRAIN, VAL = 1438, 359  # digits split sizes with val_fraction 0.2

@@ -13,7 +13,7 @@ from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.config import DistillConfig, load_config
-from ray_aekd.distill import distill
+from ray_aekd.distributed.distill import distill
 from ray_aekd.models.checkpoint import load_checkpoint
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"

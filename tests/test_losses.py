@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from ray_aekd.losses import HintRegressors, distillation_loss, hint_losses, hint_weights, kd_losses
-from ray_aekd.weighting import min_norm_weights, teacher_gram
+from ray_aekd.core.losses import HintRegressors, distillation_loss, hint_losses, hint_weights, kd_losses
+from ray_aekd.core.weighting import min_norm_weights, teacher_gram
 
 
 def numpy_kd(student: np.ndarray, teachers: np.ndarray, temperature: float) -> np.ndarray:

@@ -25,9 +25,9 @@ from test_package import RAY_AEKD
 
 from ray_aekd import cli
 from ray_aekd.config import DistillConfig, load_config
+from ray_aekd.core.step import classification_epoch, make_optimizer
 from ray_aekd.data.sources import digits_source
 from ray_aekd.data.views import split_indices
-from ray_aekd.engine import classification_epoch, make_optimizer
 from ray_aekd.models import build_model
 from ray_aekd.models.preprocess import Preprocess, WithPreprocess
 
@@ -106,7 +106,7 @@ def test_own_teachers_distil_and_the_student_works_outside(local_ray, own_models
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    from ray_aekd.distill import distill
+    from ray_aekd.distributed.distill import distill
 
     config = load_config(
         DistillConfig,
@@ -236,7 +236,7 @@ def test_export_writes_a_program_with_the_preprocessing_inside(own_models, tmp_p
     reference = WithPreprocess(own_models["resnet"], own_models["resnet_pre"]).eval()
     torch.testing.assert_close(program(x), reference(x), rtol=1e-4, atol=1e-4)
     # the program carries its classes and says its preprocessing is inside: evaluate needs no --mean/--std
-    from ray_aekd.evaluate import evaluate_model, open_eval_data, parse_model
+    from ray_aekd.tracking.evaluate import evaluate_model, open_eval_data, parse_model
 
     data = open_eval_data(held)
     exported = evaluate_model(parse_model(str(output)), data)
@@ -248,8 +248,8 @@ def test_export_writes_a_program_with_the_preprocessing_inside(own_models, tmp_p
 @pytest.mark.slow
 def test_evaluate_refuses_a_model_for_other_classes(own_models, tmp_path, capsys):
     """A model that records class names other than the data's is refused, naming both."""
-    from ray_aekd.evaluate import export_model, open_eval_data, parse_model
     from ray_aekd.models.sources import ModelSource
+    from ray_aekd.tracking.evaluate import export_model, open_eval_data, parse_model
 
     held = open_eval_data(f"imagefolder:{own_models['held_out']}")
     renamed = held.source

@@ -13,8 +13,8 @@ import torch
 from conftest import teacher_overrides
 
 from ray_aekd.config import ConfigError, DistillConfig, load_config
-from ray_aekd.distill import distill
-from ray_aekd.session import Demand, check_demands, label_matches
+from ray_aekd.distributed.distill import distill
+from ray_aekd.distributed.session import Demand, check_demands, label_matches
 
 HERE = Path(__file__).resolve().parent
 SMOKE = HERE.parent / "tune_configs" / "distill_smoke.yaml"

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ray_aekd.config import DistillConfig, load_config
-from ray_aekd.distill import distill
+from ray_aekd.distributed.distill import distill
 
 # end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import torch
 from conftest import teacher_overrides
 
 from ray_aekd.config import DistillConfig, load_config
-from ray_aekd.distill import distill
+from ray_aekd.distributed.distill import distill
+from ray_aekd.distributed.soft_labels import MANIFEST, _load_table, read_manifest, relabel
 from ray_aekd.models.checkpoint import load_checkpoint
-from ray_aekd.soft_labels import MANIFEST, _load_table, read_manifest, relabel
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"
 NUM_TRAIN, NUM_VAL = 1438, 359  # digits with val_fraction 0.2

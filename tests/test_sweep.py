@@ -12,9 +12,9 @@ from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.cli import main
+from ray_aekd.distributed.sweep import run_sweep
+from ray_aekd.distributed.sweep_space import load_sweep
 from ray_aekd.models.checkpoint import load_checkpoint
-from ray_aekd.sweep import run_sweep
-from ray_aekd.sweep_space import load_sweep
 
 # end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
 pytestmark = pytest.mark.slow

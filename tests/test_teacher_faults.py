@@ -11,8 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.config import ConfigError, TeachersConfig, load_config, with_env_faults
+from ray_aekd.distributed.teachers import train_teachers
 from ray_aekd.models.checkpoint import load_checkpoint, read_state_dict
-from ray_aekd.teachers import train_teachers
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "teachers_smoke.yaml"
 # the smoke config's teacher b, and a twin of it (same model, seed and data) that nobody kills:

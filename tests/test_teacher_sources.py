@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ray_aekd.config import ConfigError, DistillConfig, DistillTeacher, from_dict, load_config
 from ray_aekd.data.sources import ImageFolderSource, digits_source
+from ray_aekd.distributed.prepare import check_run, load_teacher, resolve_paths, teacher_key
 from ray_aekd.models import build_model
 from ray_aekd.models.checkpoint import CheckpointMetadata, save_checkpoint
 from ray_aekd.models.export import export_program, with_preprocess
@@ -42,7 +43,6 @@ from ray_aekd.models.sources import (
     check_pt2_archive,
     load_source,
 )
-from ray_aekd.prepare import check_run, load_teacher, resolve_paths, teacher_key
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -655,8 +655,8 @@ def test_a_changed_preprocess_is_another_teacher_for_caches_and_resumes():
     """A soft-label cache or a resumed run must not reuse logits made with other preprocessing:
     the teacher's identity carries its kind and preprocessing, except for a checkpoint using its
     own statistics (whose identity stays what caches made before teacher sources recorded)."""
-    from ray_aekd.pipeline import TeacherStageSpec
-    from ray_aekd.soft_labels import teacher_identity
+    from ray_aekd.distributed.pipeline import TeacherStageSpec
+    from ray_aekd.distributed.soft_labels import teacher_identity
 
     def identity(kind: str, declared: Preprocess | None, used: Preprocess) -> dict:
         key = {"checkpoint": "checkpoint", "exported": "exported"}[kind]

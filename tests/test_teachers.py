@@ -12,9 +12,9 @@ from PIL import Image
 from test_package import RAY_AEKD
 
 from ray_aekd.config import TeachersConfig, load_config
+from ray_aekd.distributed.teachers import train_teachers
 from ray_aekd.models.checkpoint import load_checkpoint
-from ray_aekd.teachers import train_teachers
-from ray_aekd.tracking import local_checkpoint_path
+from ray_aekd.tracking.runs import local_checkpoint_path
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "teachers_smoke.yaml"
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ray_aekd.tracking import RunLogger, dataset_input, experiment_id, log_dataset
+from ray_aekd.tracking.runs import RunLogger, dataset_input, experiment_id, log_dataset
 
 
 def _open_run_with_input(args: tuple[str, str, float]) -> str:

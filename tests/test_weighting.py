@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qp_reference import exact_min_norm, kkt_violation, objective
 
-from ray_aekd.losses import kd_losses
-from ray_aekd.weighting import (
+from ray_aekd.core.losses import kd_losses
+from ray_aekd.core.weighting import (
     STRATEGIES,
     aekd_weights,
     kd_logit_gradients,

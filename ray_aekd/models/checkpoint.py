@@ -76,7 +76,7 @@ def save_checkpoint(path: str, model: nn.Module, metadata: CheckpointMetadata) -
     """Write ``model``'s state dict (safetensors) and ``metadata`` under ``path``; returns the
     metadata as written (package version, provenance and the weights' hash filled in)."""
     from ray_aekd import __version__
-    from ray_aekd.provenance import environment
+    from ray_aekd._provenance import environment
 
     # safetensors refuses tensors that share memory (tied weights): each is written on its own
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from ray_aekd.core.features import forward_with_feature
 from ray_aekd.models.cifar_nets import VGG, MobileNetV2, ShuffleNetV2, SmallCNN, WideResNet
 from ray_aekd.models.cifar_resnet import CifarResNet
 from ray_aekd.models.digits_nets import DigitsCNN, DigitsMLP
@@ -89,28 +89,6 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1; got {in_channels}.")
     return model_spec(name).build(num_classes, in_channels)
-
-
-def forward_with_feature(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` on ``x`` and also return the output of its submodule ``layer``.
-
-    Returns:
-        logits ``[B, K]`` and the feature (whatever shape that layer outputs).
-    """
-    try:
-        module = model.get_submodule(layer)
-    except AttributeError:
-        names = [n for n, _ in model.named_children()]
-        raise ValueError(f"Model has no layer {layer!r}. Its top-level layers: {', '.join(names)}.") from None
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _in, out: captured.append(out))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise ValueError(f"Layer {layer!r} ran {len(captured)} times in one forward pass; name a layer that runs once.")
-    return logits, captured[0]
 
 
 def _torchvision_spec(name: str) -> ModelSpec:

@@ -33,17 +33,24 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from ray_aekd.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
+from ray_aekd._console import LOG_FILE, capture_logs, tune_verbosity
+from ray_aekd._provenance import environment_tags
 from ray_aekd.config import DistillConfig, DistillTeacher, apply_preset, flatten, from_dict
-from ray_aekd.console import LOG_FILE, capture_logs, tune_verbosity
 from ray_aekd.data import open_source
-from ray_aekd.distill import TrialHooks, _demands, _resources, distill, local_mode
-from ray_aekd.prepare import check_run, resolve_paths, shared_paths, teacher_key
-from ray_aekd.provenance import environment_tags
-from ray_aekd.session import check_shared, connect
-from ray_aekd.soft_labels import cache_uri, read_manifest, relabel
-from ray_aekd.sweep_space import TOLERANCE_FRACTION, Dimension, SweepConfig, apply_values, load_sweep, parse_space
-from ray_aekd.tracking import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri, system_tags
+from ray_aekd.distributed.distill import TrialHooks, _demands, _resources, distill, local_mode
+from ray_aekd.distributed.prepare import check_run, resolve_paths, shared_paths, teacher_key
+from ray_aekd.distributed.session import check_shared, connect
+from ray_aekd.distributed.soft_labels import cache_uri, read_manifest, relabel
+from ray_aekd.distributed.sweep_space import (
+    TOLERANCE_FRACTION,
+    Dimension,
+    SweepConfig,
+    apply_values,
+    load_sweep,
+    parse_space,
+)
+from ray_aekd.tracking.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
+from ray_aekd.tracking.runs import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri, system_tags
 
 __all__ = ["SweepResult", "run_sweep", "sweep_from_file"]
 
@@ -360,7 +367,7 @@ def _train_missing_teachers(config: DistillConfig, teachers_file: str, log: Call
     if the base config's checkpoints are still missing afterwards."""
     missing = _missing_teachers(config)
     from ray_aekd.config import TeachersConfig, load_config
-    from ray_aekd.teachers import train_teachers
+    from ray_aekd.distributed.teachers import train_teachers
 
     log(f"teacher checkpoint(s) of {', '.join(missing)} missing: training the teachers of {teachers_file} first")
     train_teachers(load_config(TeachersConfig, teachers_file), log=log)

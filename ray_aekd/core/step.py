@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ray_aekd._checks import check_logits
-from ray_aekd.losses import HintRegressors, distillation_loss, hint_weights, mse_per_teacher
-from ray_aekd.models.registry import forward_with_feature
-from ray_aekd.weighting import (
+from ray_aekd.core._checks import check_logits
+from ray_aekd.core.features import forward_with_feature
+from ray_aekd.core.losses import HintRegressors, distillation_loss, hint_weights, mse_per_teacher
+from ray_aekd.core.weighting import (
     GradientSpace,
     NonFiniteLogitsError,
     check_finite_logits,

@@ -36,18 +36,18 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
+from ray_aekd._console import LOG_FILE, capture_logs, tune_verbosity
 from ray_aekd.config import TeachersConfig, TeacherSpec, flatten, from_dict, with_env_faults
-from ray_aekd.console import LOG_FILE, capture_logs, tune_verbosity
+from ray_aekd.core.step import classification_epoch, evaluate, make_optimizer
 from ray_aekd.data import augment, normalize, open_source
 from ray_aekd.data.labels import corrupt_labels
 from ray_aekd.data.sources import ImageSource, TensorSource
-from ray_aekd.engine import classification_epoch, evaluate, make_optimizer
-from ray_aekd.faults import die, fire_once
+from ray_aekd.distributed.faults import die, fire_once
+from ray_aekd.distributed.pipeline import view_settings
+from ray_aekd.distributed.session import connect
+from ray_aekd.distributed.tune_logging import MlflowTrialLogger
 from ray_aekd.models import build_model
 from ray_aekd.models.checkpoint import CheckpointMetadata, load_checkpoint, read_state_dict, save_checkpoint
-from ray_aekd.pipeline import view_settings
-from ray_aekd.session import connect
-from ray_aekd.tune_logging import MlflowTrialLogger
 
 __all__ = ["STATE_FILE", "TeacherData", "load_split", "train_teachers"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from ray_aekd import console
+from ray_aekd import _console as console
 
 __all__ = ["Demand", "check_demands", "check_shared", "connect", "label_matches"]
 

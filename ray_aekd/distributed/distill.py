@@ -38,12 +38,13 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
+from ray_aekd._console import LOG_FILE, capture_logs, verbose
+from ray_aekd._provenance import environment, environment_tags
 from ray_aekd.config import DistillConfig, FaultsConfig, flatten, with_env_faults
-from ray_aekd.console import LOG_FILE, capture_logs, verbose
 from ray_aekd.data import open_source
-from ray_aekd.faults import UNREACHABLE_TRACKING_URI, TeacherFault
-from ray_aekd.pipeline import ViewClock, distill_dataset, fixed_view
-from ray_aekd.prepare import (
+from ray_aekd.distributed.faults import UNREACHABLE_TRACKING_URI, TeacherFault
+from ray_aekd.distributed.pipeline import ViewClock, distill_dataset, fixed_view
+from ray_aekd.distributed.prepare import (
     check_run,
     demand_totals,
     resolve_paths,
@@ -52,10 +53,10 @@ from ray_aekd.prepare import (
     stage_specs,
     teacher_accuracy,
 )
-from ray_aekd.provenance import environment, environment_tags
-from ray_aekd.session import Demand, check_shared, connect
-from ray_aekd.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache, teacher_identity
-from ray_aekd.tracking import (
+from ray_aekd.distributed.session import Demand, check_shared, connect
+from ray_aekd.distributed.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache, teacher_identity
+from ray_aekd.distributed.train import STOPPED_FILE, TIMINGS_FILE, TrialSession, progress_line, train_loop
+from ray_aekd.tracking.runs import (
     RUN_ID_FILE,
     TRACKING_FAILED_FILE,
     TRACKING_URI_FILE,
@@ -68,7 +69,6 @@ from ray_aekd.tracking import (
     retry_contended,
     system_tags,
 )
-from ray_aekd.train import STOPPED_FILE, TIMINGS_FILE, TrialSession, progress_line, train_loop
 
 __all__ = ["DistillResult", "TrialHooks", "distill", "format_result"]
 

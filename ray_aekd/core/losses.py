@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ray_aekd._checks import check_logits, check_temperature
-from ray_aekd.weighting import GradientSpace, min_norm_weights, teacher_gram
+from ray_aekd.core._checks import check_logits, check_temperature
+from ray_aekd.core.weighting import GradientSpace, min_norm_weights, teacher_gram
 
 __all__ = ["HintRegressors", "distillation_loss", "hint_losses", "hint_weights", "kd_losses", "mse_per_teacher"]
 

@@ -15,13 +15,13 @@ import torch
 from ray_aekd.config import DistillConfig, DistillTeacher
 from ray_aekd.data import normalize
 from ray_aekd.data.sources import ImageSource
+from ray_aekd.distributed.pipeline import _TASK_CPUS, TeacherStageSpec, logits_column, teacher_hint_layer
+from ray_aekd.distributed.session import Demand
 from ray_aekd.models import build_model, forward_with_feature, model_spec
 from ray_aekd.models.checkpoint import CheckpointError, read_metadata
 from ray_aekd.models.preprocess import Preprocess
 from ray_aekd.models.sources import LoadedModel, ModelSourceError, check_on_batch, load_source
-from ray_aekd.pipeline import _TASK_CPUS, TeacherStageSpec, logits_column, teacher_hint_layer
-from ray_aekd.session import Demand
-from ray_aekd.tracking import MLFLOW_URI_SCHEMES, download_model, resolve_tracking_uri
+from ray_aekd.tracking.runs import MLFLOW_URI_SCHEMES, download_model, resolve_tracking_uri
 
 __all__ = [
     "check_run",

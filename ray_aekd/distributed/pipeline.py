@@ -37,7 +37,7 @@ import torch
 from ray_aekd.data.ray_dataset import to_ray_dataset
 from ray_aekd.data.sources import ImageSource
 from ray_aekd.data.views import augment
-from ray_aekd.faults import TeacherFault, die, fire_once
+from ray_aekd.distributed.faults import TeacherFault, die, fire_once
 from ray_aekd.models.registry import forward_with_feature, model_spec
 from ray_aekd.models.sources import ModelSource, load_source
 

@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch.nn import functional as F
 
-from ray_aekd._checks import check_logits, check_num_teachers, check_temperature, check_tolerance
+from ray_aekd.core._checks import check_logits, check_num_teachers, check_temperature, check_tolerance
 
 __all__ = [
     "STRATEGIES",

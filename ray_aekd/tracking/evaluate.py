@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ray_aekd.core.metrics import SUMS_LENGTH, calibration_bins, validation_metrics, validation_sums
 from ray_aekd.data.sources import DataSourceError, ImageSource, cifar_source, digits_source, open_source
 from ray_aekd.data.views import split_indices
-from ray_aekd.metrics import SUMS_LENGTH, calibration_bins, validation_metrics, validation_sums
 from ray_aekd.models.export import export_program, with_preprocess
 from ray_aekd.models.preprocess import Preprocess
 from ray_aekd.models.sources import (
@@ -167,7 +167,7 @@ def load_model(source: ModelSource, data: EvalData, tracking_uri: str | None = N
     downloaded first. Class names the model records must be the data's."""
     images = torch.stack([data.source[int(i)][0] for i in data.indices[:2]])
     if source.kind == "mlflow" and source.location.startswith(("models:/", "runs:/")):
-        from ray_aekd.tracking import download_model, resolve_tracking_uri
+        from ray_aekd.tracking.runs import download_model, resolve_tracking_uri
 
         target = Path(tempfile.mkdtemp(prefix="ray-aekd-model-"))
         try:
@@ -276,9 +276,9 @@ def _log_evaluation(
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from ray_aekd.plots import plot_confusion_matrix, plot_reliability
-    from ray_aekd.provenance import environment_tags
-    from ray_aekd.tracking import dataset_input, experiment_id, log_dataset, resolve_tracking_uri, system_tags
+    from ray_aekd._provenance import environment_tags
+    from ray_aekd.tracking.plots import plot_confusion_matrix, plot_reliability
+    from ray_aekd.tracking.runs import dataset_input, experiment_id, log_dataset, resolve_tracking_uri, system_tags
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)

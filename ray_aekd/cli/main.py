@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from ray_aekd import __version__
-from ray_aekd.console import set_verbose
+from ray_aekd._console import set_verbose
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ray_aekd.demo import run_demo
+    from ray_aekd.cli.demo import run_demo
 
     result = run_demo(
         num_teachers=args.teachers,
@@ -34,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _teachers(args: argparse.Namespace) -> int:
     from ray_aekd.config import TeachersConfig, load_config
-    from ray_aekd.teachers import train_teachers
+    from ray_aekd.distributed.teachers import train_teachers
 
     config = load_config(TeachersConfig, args.config, args.set)
     train_teachers(config)
@@ -43,7 +43,7 @@ def _teachers(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from ray_aekd.config import DistillConfig, load_config
-    from ray_aekd.distill import distill
+    from ray_aekd.distributed.distill import distill
 
     config = load_config(DistillConfig, args.config, args.set)
     result = distill(config)
@@ -54,7 +54,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from ray_aekd.upload import upload
+    from ray_aekd.tracking.upload import upload
 
     upload(args.run_dir, tracking_uri=args.tracking_uri)
     return 0
@@ -62,7 +62,7 @@ def _upload(args: argparse.Namespace) -> int:
 
 def _relabel(args: argparse.Namespace) -> int:
     from ray_aekd.config import DistillConfig, load_config
-    from ray_aekd.soft_labels import relabel
+    from ray_aekd.distributed.soft_labels import relabel
 
     config = load_config(DistillConfig, args.config, args.set)
     relabel(config, overwrite=args.overwrite)
@@ -70,7 +70,7 @@ def _relabel(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from ray_aekd.sweep import sweep_from_file
+    from ray_aekd.distributed.sweep import sweep_from_file
 
     result = sweep_from_file(args.config, args.set)
     if args.json:
@@ -82,8 +82,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from ray_aekd.compare import compare, format_table
-    from ray_aekd.tracking import resolve_tracking_uri
+    from ray_aekd.tracking.compare import compare, format_table
+    from ray_aekd.tracking.runs import resolve_tracking_uri
 
     try:
         rows, plot = compare(args.tracking_uri, args.experiment, args.sweep, args.output_dir)
@@ -93,7 +93,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(format_table(rows, args.tracking_uri, args.experiment, args.sweep))
     print(f"plot: {plot}; table: {plot.with_name('compare.csv')}")
     if args.promote is not None:
-        from ray_aekd.compare import promote
+        from ray_aekd.tracking.compare import promote
 
         name, version, best = promote(rows, args.tracking_uri, args.promote)
         print(
@@ -126,7 +126,7 @@ def _preprocess_args(args: argparse.Namespace):
 def _evaluate(args: argparse.Namespace) -> int:
     import os
 
-    from ray_aekd.evaluate import evaluate_model, format_evaluation, open_eval_data, parse_model
+    from ray_aekd.tracking.evaluate import evaluate_model, format_evaluation, open_eval_data, parse_model
 
     source = parse_model(args.model, args.arch, _preprocess_args(args))
     data = open_eval_data(args.data, size=args.image_size)
@@ -156,7 +156,7 @@ def _write_predictions(path: str, data, predictions: list[int]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ray_aekd.evaluate import export_model, open_eval_data, parse_model
+    from ray_aekd.tracking.evaluate import export_model, open_eval_data, parse_model
 
     source = parse_model(args.model, args.arch, _preprocess_args(args))
     data = open_eval_data(args.data, size=args.image_size) if args.data else None
@@ -171,7 +171,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from ray_aekd.quickstart import run_quickstart
+    from ray_aekd.cli.quickstart import run_quickstart
 
     run_quickstart(
         output_dir=args.output_dir,

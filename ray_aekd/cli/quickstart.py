@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ray_aekd._console import LOG_FILE, capture_logs
 from ray_aekd.config import DistillConfig, TeachersConfig, from_dict
-from ray_aekd.console import LOG_FILE, capture_logs
-from ray_aekd.distill import DistillResult, distill
-from ray_aekd.session import connect
-from ray_aekd.teachers import TeachersResult, train_teachers
+from ray_aekd.distributed.distill import DistillResult, distill
+from ray_aekd.distributed.session import connect
+from ray_aekd.distributed.teachers import TeachersResult, train_teachers
 
 __all__ = ["QuickstartResult", "format_quickstart", "run_quickstart", "teachers_config"]
 

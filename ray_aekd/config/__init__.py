@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from ray_aekd.core.weighting import STRATEGIES
 from ray_aekd.data.sources import SOURCES
 from ray_aekd.data.views import split_indices
 from ray_aekd.models.preprocess import Preprocess
 from ray_aekd.models.registry import model_spec
 from ray_aekd.models.sources import SOURCE_KINDS, ModelSource
-from ray_aekd.weighting import STRATEGIES
 
 __all__ = [
     "PRESETS",

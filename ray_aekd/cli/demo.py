@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ray_aekd._checks import check_temperature, check_tolerance
+from ray_aekd.core._checks import check_temperature, check_tolerance
+from ray_aekd.core.step import DistillSettings, distill_step
+from ray_aekd.core.weighting import STRATEGIES, GradientSpace, strategy_tolerance
 from ray_aekd.data import normalize, split_indices
 from ray_aekd.data.labels import corrupt_labels
 from ray_aekd.data.sources import digits_source
-from ray_aekd.engine import DistillSettings, distill_step
 from ray_aekd.models.digits_nets import DigitsMLP
-from ray_aekd.weighting import STRATEGIES, GradientSpace, strategy_tolerance
 
 __all__ = ["DemoResult", "load_digits_split", "run_demo"]
 

@@ -31,19 +31,19 @@ import torch.distributed as dist
 from torch import nn
 
 from ray_aekd.config import DistillConfig, from_dict
+from ray_aekd.core.losses import HintRegressors
+from ray_aekd.core.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
+from ray_aekd.core.step import DistillSettings, HintStudent, distill_step, make_optimizer
+from ray_aekd.core.weighting import NonFiniteLogitsError
 from ray_aekd.data.views import normalize
-from ray_aekd.engine import DistillSettings, HintStudent, distill_step, make_optimizer
-from ray_aekd.faults import UNREACHABLE_TRACKING_URI, die, fire_once
-from ray_aekd.losses import HintRegressors
-from ray_aekd.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
+from ray_aekd.distributed.faults import UNREACHABLE_TRACKING_URI, die, fire_once
+from ray_aekd.distributed.pipeline import feature_column, logits_column
 from ray_aekd.models import build_model
 from ray_aekd.models.checkpoint import CheckpointMetadata, read_state_dict, save_checkpoint
 from ray_aekd.models.export import with_preprocess
 from ray_aekd.models.preprocess import Preprocess
-from ray_aekd.pipeline import feature_column, logits_column
-from ray_aekd.plots import plot_cosine_matrix, plot_weights
-from ray_aekd.tracking import RunLogger, limit_mlflow_retries, model_signature
-from ray_aekd.weighting import NonFiniteLogitsError
+from ray_aekd.tracking.plots import plot_cosine_matrix, plot_weights
+from ray_aekd.tracking.runs import RunLogger, limit_mlflow_retries, model_signature
 
 __all__ = ["STATE_FILE", "STOPPED_FILE", "TIMINGS_FILE", "progress_line", "train_loop"]
 

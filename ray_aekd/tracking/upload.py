@@ -22,11 +22,11 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ray_aekd._provenance import environment_tags
 from ray_aekd.models.checkpoint import load_checkpoint
 from ray_aekd.models.export import with_preprocess
 from ray_aekd.models.preprocess import Preprocess
-from ray_aekd.provenance import environment_tags
-from ray_aekd.tracking import (
+from ray_aekd.tracking.runs import (
     RUN_ID_FILE,
     TRACKING_FAILED_FILE,
     TRACKING_URI_FILE,

@@ -16,8 +16,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from ray_aekd.provenance import environment_tags
-from ray_aekd.tracking import experiment_id, resolve_tracking_uri, system_tags
+from ray_aekd._provenance import environment_tags
+from ray_aekd.tracking.runs import experiment_id, resolve_tracking_uri, system_tags
 
 __all__ = ["MlflowTrialLogger"]
 

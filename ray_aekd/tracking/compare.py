@@ -29,7 +29,7 @@ from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ray_aekd.tracking import limit_mlflow_retries, resolve_tracking_uri
+from ray_aekd.tracking.runs import limit_mlflow_retries, resolve_tracking_uri
 
 __all__ = [
     "DEFAULT_EXPERIMENT",

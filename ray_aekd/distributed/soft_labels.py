@@ -42,7 +42,7 @@ from ray_aekd.config import DistillConfig
 from ray_aekd.data import open_source
 from ray_aekd.data.ray_dataset import to_ray_dataset
 from ray_aekd.data.sources import ImageSource
-from ray_aekd.pipeline import (
+from ray_aekd.distributed.pipeline import (
     _TASK_CPUS,
     TeacherStageSpec,
     ViewClock,
@@ -52,8 +52,8 @@ from ray_aekd.pipeline import (
     logits_column,
     view_settings,
 )
-from ray_aekd.prepare import check_run, demand_totals, resolve_paths, run_demands, stage_specs
-from ray_aekd.session import connect
+from ray_aekd.distributed.prepare import check_run, demand_totals, resolve_paths, run_demands, stage_specs
+from ray_aekd.distributed.session import connect
 
 __all__ = [
     "MANIFEST",

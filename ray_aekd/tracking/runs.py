@@ -234,7 +234,7 @@ def system_tags(tags: dict[str, str] | None = None) -> dict[str, str]:
     ``mlflow.source.git.commit`` (the ray_aekd checkout's commit, when it is one)."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    from ray_aekd.provenance import environment
+    from ray_aekd._provenance import environment
 
     out = resolve_tags(dict(tags or {}))
     commit = environment().get("git_commit")

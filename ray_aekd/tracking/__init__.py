@@ -1,0 +1,6 @@
+"""MLflow and reports: runs and their metrics (``runs``), the student's MLflow model, evaluation of
+any model on a labelled split (``evaluate``), comparing runs (``compare``), plots, and uploading a
+finished run folder (``upload``).
+
+The only layer that imports ``mlflow``; it never imports ``ray``.
+"""
