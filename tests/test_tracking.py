@@ -56,3 +56,20 @@ def test_metrics_logged_in_the_background_arrive_in_order_and_a_lost_server_only
         gone.log_metrics_later({"val/acc1": 0.4}, step=4)
         gone.flush()  # the training loop goes on: no exception
     assert not gone.enabled and (tmp_path / "mlflow_failed.txt").exists()
+
+
+def test_artifacts_of_a_local_store_live_next_to_its_database_not_in_the_working_directory(tmp_path, monkeypatch):
+    """``ray job submit`` runs the driver in a temporary copy of the working directory; MLflow's
+    default artifact root (``./mlruns``) would put the student model and plots there, lost with the job."""
+    job_cwd = tmp_path / "working_dir_copy"
+    job_cwd.mkdir()
+    monkeypatch.chdir(job_cwd)
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.create_run(experiment_id(client, "my experiment"))
+    client.log_text(run.info.run_id, "hello", "plots/note.txt")
+    saved = tmp_path / "store" / "mlartifacts" / "my%20experiment" / run.info.run_id / "artifacts" / "plots" / "note.txt"
+    assert saved.read_text() == "hello"
+    assert not any(job_cwd.iterdir())
+    assert experiment_id(client, "my experiment") == run.info.experiment_id  # found again, not created twice

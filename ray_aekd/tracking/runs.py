@@ -15,8 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 __all__ = [
@@ -90,10 +92,38 @@ def open_store(uri: str) -> None:
             MlflowClient(uri).search_experiments(max_results=1)
 
 
+#: Beside a local SQLite store's database file: the folder that holds its experiments' artifacts.
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts (students, plots, checkpoints).
+
+    For a local SQLite store (``sqlite:////abs/path/mlflow.db``) it is a folder next to the
+    database file, ``<db folder>/mlartifacts/<experiment>``: artifacts then live as long as the
+    store. MLflow's own default is ``./mlruns`` in the working directory, which ``ray job submit``
+    deletes with the job's copy of the working directory. For any other store (a tracking server,
+    which has its own ``--artifacts-destination``) None: the server decides.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix + "/"):
+        return None
+    folder = Path(uri[len(prefix) :]).parent / ARTIFACTS_DIR / quote(experiment, safe="")
+    return folder.as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created if it does not exist."""
+    """The id of experiment ``name``, created if it does not exist (with ``artifact_location``)."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another process created it just now
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def local_checkpoint_path(path: str, tracking_uri: str | None = None) -> str:
