@@ -34,8 +34,6 @@ import pyarrow.fs
 import ray
 import ray.train
 import torch
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from ray_aekd._console import LOG_FILE, capture_logs, verbose
@@ -56,14 +54,13 @@ from ray_aekd.distributed.prepare import (
 from ray_aekd.distributed.session import Demand, check_shared, connect
 from ray_aekd.distributed.soft_labels import cache_identity, cache_uri, cached_dataset, check_cache, teacher_identity
 from ray_aekd.distributed.train import STOPPED_FILE, TIMINGS_FILE, TrialSession, progress_line, train_loop
+from ray_aekd.tracking.client import create_run, finish_run, log_metrics, log_run_inputs, reopen_run
 from ray_aekd.tracking.runs import (
     RUN_ID_FILE,
     TRACKING_FAILED_FILE,
     TRACKING_URI_FILE,
     dataset_input,
-    experiment_id,
     limit_mlflow_retries,
-    log_dataset,
     open_store,
     resolve_tracking_uri,
     retry_contended,
@@ -158,37 +155,24 @@ def _open_run(
     resuming = resuming and id_file.exists()
 
     def create() -> str:
-        client = MlflowClient(uri)
         if resuming:
             run_id = id_file.read_text().strip()
-            client.update_run(run_id, status="RUNNING")
+            reopen_run(uri, run_id)
             return run_id
-        run = client.create_run(
-            experiment_id(client, config.tracking.experiment),
-            run_name=config.name,
-            tags=system_tags(
-                {"ray_aekd.strategy": config.distill.strategy, "ray_aekd.run_dir": str(run_dir)}
-                | environment_tags()
-                | (trial.tags if trial else {})
-                | ({"mlflow.parentRunId": trial.parent_run_id} if trial and trial.parent_run_id else {})
-            ),
+        tags = (
+            {"ray_aekd.strategy": config.distill.strategy, "ray_aekd.run_dir": str(run_dir)}
+            | environment_tags()
+            | (trial.tags if trial else {})
+            | ({"mlflow.parentRunId": trial.parent_run_id} if trial and trial.parent_run_id else {})
         )
-        return run.info.run_id
+        return create_run(uri, config.tracking.experiment, config.name, system_tags(tags))
 
     try:
         run_id = retry_contended(create)  # a sweep's trials open their runs at the same moment
         if not resuming:
-            client = MlflowClient(uri)
-            if dataset is not None:
-                log_dataset(client, run_id, dataset)
-            values = flatten(config) | (trial.params if trial else {})
-            params = [Param(k, str(v)[:6000]) for k, v in values.items()]
-            for i in range(0, len(params), 100):
-                retry_contended(lambda i=i: client.log_batch(run_id, params=params[i : i + 100]))
-            stamp = int(time.time() * 1000)
-            metrics = [Metric(f"teacher/{n}/val/acc1", acc, stamp, 0) for n, acc in teachers.items()]
-            metrics.append(Metric("ensemble/val/acc1", ensemble, stamp, 0))
-            retry_contended(lambda: client.log_batch(run_id, metrics=metrics))
+            params = flatten(config) | (trial.params if trial else {})
+            metrics = {f"teacher/{n}/val/acc1": acc for n, acc in teachers.items()} | {"ensemble/val/acc1": ensemble}
+            log_run_inputs(uri, run_id, params, metrics, dataset, retry=True)
     except Exception as error:  # an unreachable tracking server must not stop the run
         log(
             f"warning: MLflow at {uri} is not reachable ({type(error).__name__}: {error}); training without it, "
@@ -378,9 +362,9 @@ def _distill(
         ray.kill(clock)
         if run_id:
             try:
-                client = MlflowClient(UNREACHABLE_TRACKING_URI if faults.mlflow_down_epoch else uri)
-                client.log_metric(run_id, "teacher_forward_passes", float(sum(forwards.values())))
-                client.set_terminated(run_id, status)
+                where = UNREACHABLE_TRACKING_URI if faults.mlflow_down_epoch else uri
+                log_metrics(where, run_id, {"teacher_forward_passes": float(sum(forwards.values()))})
+                finish_run(where, run_id, status)
             except Exception as error:
                 log(
                     f"warning: could not mark MLflow run {run_id} {status} ({error}); "

@@ -20,6 +20,7 @@ A sweep that is run again is a new sweep (new trial names); finished trials are 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,8 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -49,8 +48,10 @@ from ray_aekd.distributed.sweep_space import (
     load_sweep,
     parse_space,
 )
+from ray_aekd.tracking.client import create_run, finish_run, log_artifacts, log_metric_rows, log_params, set_tags
 from ray_aekd.tracking.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
-from ray_aekd.tracking.runs import experiment_id, limit_mlflow_retries, open_store, resolve_tracking_uri, system_tags
+from ray_aekd.tracking.runs import limit_mlflow_retries, open_store, resolve_tracking_uri, system_tags
+from ray_aekd.tracking.trial_runs import close_stopped_children
 
 __all__ = ["SweepResult", "run_sweep", "sweep_from_file"]
 
@@ -382,19 +383,13 @@ def _train_missing_teachers(config: DistillConfig, teachers_file: str, log: Call
 def _open_parent(sweep: SweepConfig, config: DistillConfig, uri: str, log: Callable[[str], None]) -> str | None:
     """The sweep's parent run: the sweep config and the search space as params."""
     try:
-        client = MlflowClient(uri)
-        run = client.create_run(
-            experiment_id(client, config.tracking.experiment),
-            run_name=sweep.name,
-            tags=system_tags({SWEEP_TAG: "true"} | environment_tags()),
-        )
+        tags = system_tags({SWEEP_TAG: "true"} | environment_tags())
+        run_id = create_run(uri, config.tracking.experiment, sweep.name, tags)
         values = {f"sweep.{k}": v for k, v in flatten(sweep).items() if not k.startswith(("space", "overrides"))}
         values |= {f"space.{k}": json.dumps(v) for k, v in sweep.space.items()}
         values |= {f"base.{k}": v for k, v in flatten(config).items()}
-        params = [Param(k, str(v)[:6000]) for k, v in values.items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run.info.run_id, params=params[i : i + 100])
-        return run.info.run_id
+        log_params(uri, run_id, values)
+        return run_id
     except Exception as error:  # an unreachable tracking server must not stop the sweep
         log(f"warning: MLflow at {uri} is not reachable ({type(error).__name__}: {error}); sweeping without it.")
         return None
@@ -404,42 +399,23 @@ def _close_children(uri: str, parent_id: str, grid: Any) -> None:
     """Children still RUNNING were stopped by the scheduler (or died with their trial): mark
     them KILLED, and give them the epochs Tune saw that rank 0 had no time to log (it logs
     after each report, and a stopped trial is killed right after one)."""
-    try:
-        client = MlflowClient(uri)
-        parent = client.get_run(parent_id)
-        runs = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
-            max_results=1000,
-        )
-        reported = {}
-        for result in grid or []:
-            frame = result.metrics_dataframe
-            if frame is not None and len(frame) and "trial_id" in frame:
-                reported[str(frame["trial_id"].iloc[0])] = frame
-        for run in runs:
-            frame = reported.get(run.data.tags.get("ray_aekd.trial_id", ""))
-            if frame is not None:
-                logged = {m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")}
-                stamp = int(time.time() * 1000)
-                metrics = [
-                    Metric(str(k), float(row[k]), stamp, int(row["epoch"]))
-                    for _, row in frame.iterrows()
-                    if int(row["epoch"]) not in logged
-                    for k in frame.columns
-                    if str(k).startswith(("val/", "train/", "weights/")) and row[k] == row[k]  # not NaN
-                ]
-                for i in range(0, len(metrics), 500):
-                    client.log_batch(run.info.run_id, metrics=metrics[i : i + 500])
-            client.set_tag(run.info.run_id, "ray_aekd.stopped_early", "true")
-            client.set_terminated(run.info.run_id, "KILLED")
-    except Exception:  # best effort: the runs are still there, only their status is stale
-        pass
+    with contextlib.suppress(Exception):  # best effort: the runs are still there, only their status is stale
+        close_stopped_children(uri, parent_id, _reported_epochs(grid))
+
+
+def _reported_epochs(grid: Any) -> dict[str, list[dict[str, Any]]]:
+    """Trial id -> what the trial reported to Tune, one dict per result (``epoch`` and metrics)."""
+    reported = {}
+    for result in grid or []:
+        frame = result.metrics_dataframe
+        if frame is not None and len(frame) and "trial_id" in frame:
+            reported[str(frame["trial_id"].iloc[0])] = frame.to_dict("records")
+    return reported
 
 
 def _terminate(uri: str, run_id: str, status: str, log: Callable[[str], None]) -> None:
     try:
-        MlflowClient(uri).set_terminated(run_id, status)
+        finish_run(uri, run_id, status)
     except Exception as error:
         log(f"warning: could not mark MLflow run {run_id} {status} ({error}).")
 
@@ -474,29 +450,26 @@ def _finish_parent(
 ) -> None:
     """On the parent run: the best trial's params and metrics, the table of trials, the plots."""
     try:
-        client = MlflowClient(uri)
-        stamp = int(time.time() * 1000)
-        metrics = [Metric("teacher_forward_passes", float(result.teacher_forward_passes), stamp, 0)]
-        params = []
+        metrics = [("teacher_forward_passes", float(result.teacher_forward_passes), 0)]
         if result.best is not None:
             best = result.best
-            metrics += [Metric(k, float(v), stamp, best["epochs"]) for k, v in best["metrics"].items()]
-            params = [Param(f"best.{k}", str(v)) for k, v in best["values"].items()]
+            metrics += [(k, float(v), best["epochs"]) for k, v in best["metrics"].items()]
+            log_params(uri, parent_id, {f"best.{k}": v for k, v in best["values"].items()})
+            tags = {"ray_aekd.best_trial": best["name"]}
             if best["mlflow_run_id"]:  # None when the trial could not reach MLflow (it said so in its log)
-                client.set_tag(parent_id, "ray_aekd.best_run_id", best["mlflow_run_id"])
-            client.set_tag(parent_id, "ray_aekd.best_trial", best["name"])
-        client.log_batch(parent_id, metrics=metrics, params=params)
+                tags = {"ray_aekd.best_run_id": best["mlflow_run_id"]} | tags
+            set_tags(uri, parent_id, tags)
+        log_metric_rows(uri, parent_id, metrics)
         rows = rank_runs(collect_runs(uri, sweep=parent_id))
         if rows:
             write_csv(rows, sweep_dir / "trials.csv")
             plots = sweep_dir / "plots"
             plot_metric_against(rows, "tolerance", plots / "acc1_vs_tolerance.png", f"{sweep.name}: val/acc1 vs C")
             plot_metric_against(rows, "temperature", plots / "acc1_vs_temperature.png", f"{sweep.name}: val/acc1 vs T")
-            client.log_artifact(parent_id, str(sweep_dir / "trials.csv"))
-            client.log_artifacts(parent_id, str(plots), "plots")
+            log_artifacts(uri, parent_id, [sweep_dir / "trials.csv"], {"plots": plots})
             log(format_table(rows, uri, sweep=parent_id))
-        client.log_artifact(parent_id, str(sweep_dir / "summary.json"))
-        client.set_terminated(parent_id, "FINISHED")
+        log_artifacts(uri, parent_id, [sweep_dir / "summary.json"])
+        finish_run(uri, parent_id, "FINISHED")
     except Exception as error:
         log(f"warning: MLflow at {uri} failed while closing the sweep's run ({type(error).__name__}: {error}).")
 

@@ -315,7 +315,7 @@ class _TeacherLogger(MlflowTrialLogger):
     restarted trial, whose run goes on (its epochs after the checkpoint follow the ones logged)."""
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id not in self._runs:
+        if self.trial_run_id(trial) is None:
             super().on_trial_start(iteration, trials, trial, **info)
 
 

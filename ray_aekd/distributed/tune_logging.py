@@ -1,28 +1,34 @@
 """A Ray Tune callback that logs each trial as one MLflow run, from the driver.
 
-Logging from the driver keeps one writer per store (SQLite allows one at a time) and gives
-each run live per-epoch metrics: params when a trial starts, every reported metric whose name
-has a ``/`` (``train/loss``, ``val/acc1``, ...) at step ``epoch``, and the trial's output
-folder as artifacts when it completes.
+The Ray half only: it turns Tune's callback calls into calls on ``tracking.trial_runs.TrialRuns``
+(params when a trial starts, every reported metric whose name has a ``/`` at step ``epoch``,
+the trial's output folder as artifacts when it completes), which holds the MLflow half.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from ray_aekd._provenance import environment_tags
-from ray_aekd.tracking.runs import experiment_id, resolve_tracking_uri, system_tags
+from ray_aekd.tracking.trial_runs import TrialRuns
 
 __all__ = ["MlflowTrialLogger"]
 
 
 class MlflowTrialLogger(Callback):
+    """One MLflow run per trial.
+
+    Args:
+        uri: the tracking URI (``None``: the default store).
+        experiment: the experiment of the runs.
+        run_name: a trial's run name, from the trial.
+        params: a trial's params, from the trial.
+        artifact_dir: a trial's folder, logged as its run's ``checkpoint`` artifacts when it completes.
+        tags: tags of every run.
+    """
+
     def __init__(
         self,
         uri: str | None,
@@ -32,46 +38,31 @@ class MlflowTrialLogger(Callback):
         artifact_dir: Callable[[Any], str] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        self.uri = resolve_tracking_uri(uri)
-        self._client = MlflowClient(self.uri)
-        self._experiment_id = experiment_id(self._client, experiment)
+        self.runs = TrialRuns(uri, experiment, tags)
         self._run_name, self._params, self._artifact_dir = run_name, params, artifact_dir
-        self._tags = system_tags((tags or {}) | environment_tags())
-        self._runs: dict[str, str] = {}  # trial id -> run id
-        self.run_ids: dict[str, str] = {}  # run name -> run id
+
+    @property
+    def uri(self) -> str:
+        return self.runs.uri
+
+    @property
+    def run_ids(self) -> dict[str, str]:
+        """Run name -> MLflow run id, of every trial started so far."""
+        return self.runs.run_ids
+
+    def trial_run_id(self, trial: Any) -> str | None:
+        """The MLflow run of ``trial``, or ``None`` when it has none yet."""
+        return self.runs.run_id(trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        name = self._run_name(trial)
-        run = self._client.create_run(self._experiment_id, run_name=name, tags=self._tags)
-        self._runs[trial.trial_id] = run.info.run_id
-        self.run_ids[name] = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in self._params(trial).items()]
-        for i in range(0, len(params), 100):
-            self._client.log_batch(run.info.run_id, params=params[i : i + 100])
+        self.runs.start(trial.trial_id, self._run_name(trial), self._params(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        run_id = self._runs.get(trial.trial_id)
-        if run_id is None:
-            return
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        stamp = int(result.get("timestamp", 0) * 1000)
-        metrics = [
-            Metric(k, float(v), stamp, step)
-            for k, v in result.items()
-            if "/" in k and isinstance(v, int | float) and not isinstance(v, bool)
-        ]
-        if metrics:
-            self._client.log_batch(run_id, metrics=metrics)
+        self.runs.log_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._runs.get(trial.trial_id)
-        if run_id is None:
-            return
-        if self._artifact_dir is not None and Path(self._artifact_dir(trial)).is_dir():
-            self._client.log_artifacts(run_id, self._artifact_dir(trial), "checkpoint")
-        self._client.set_terminated(run_id, "FINISHED")
+        folder = self._artifact_dir(trial) if self._artifact_dir is not None else None
+        self.runs.complete(trial.trial_id, folder)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._runs.get(trial.trial_id)
-        if run_id is not None:
-            self._client.set_terminated(run_id, "FAILED")
+        self.runs.fail(trial.trial_id)
