@@ -31,7 +31,7 @@ class _RowLoader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         index = batch["index"].astype(np.int64)
-        if self._arrays is not None:
+        if self._source is None:  # a TensorSource: its arrays are in the object store
             arrays = ray.get(self._arrays)
             images, labels = arrays["images"][index], arrays["labels"][index]
         else:

@@ -24,12 +24,26 @@ class DataSourceError(ValueError):
 
 
 class ImageSource(Protocol):
-    name: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    """A labelled image dataset: ``source[i]`` is ``(image uint8 [C, H, W], label)``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:  # (C, H, W)
+        ...
+
+    @property
+    def mean(self) -> tuple[float, ...]: ...
+
+    @property
+    def std(self) -> tuple[float, ...]: ...
 
     def __len__(self) -> int: ...
 

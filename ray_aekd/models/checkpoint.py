@@ -123,9 +123,10 @@ def read_metadata(path: str) -> CheckpointMetadata:
         raise CheckpointError(f"{path}: {METADATA} does not have the expected fields ({error}).") from None
     _check_fields(path, meta)
     # JSON has lists where the dataclass has tuples
+    channels, height, width = meta.input_shape
     return replace(
         meta,
-        input_shape=tuple(meta.input_shape),
+        input_shape=(channels, height, width),
         mean=tuple(meta.mean),
         std=tuple(meta.std),
         class_names=tuple(meta.class_names),

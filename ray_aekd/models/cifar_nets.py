@@ -187,7 +187,7 @@ class _ShuffleUnit(nn.Module):
         self.stride = stride
         branch = channels // 2
         if stride == 2:
-            self.left = nn.Sequential(
+            self.left: nn.Module = nn.Sequential(
                 nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels, bias=False),
                 nn.BatchNorm2d(in_channels),
                 nn.Conv2d(in_channels, branch, 1, bias=False),

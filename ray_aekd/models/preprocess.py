@@ -58,6 +58,9 @@ class WithPreprocess(nn.Module):
     the program and ``state_dict`` carries them.
     """
 
+    mean: torch.Tensor  # [C, 1, 1]
+    std: torch.Tensor  # [C, 1, 1]
+
     def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
         self.model = model

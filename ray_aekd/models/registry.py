@@ -131,6 +131,18 @@ def _resnet(depth: int, width: int = 16, stem_width: int | None = None) -> Calla
     return lambda k, c: CifarResNet(depth, num_classes=k, width=width, in_channels=c, stem_width=stem_width)
 
 
+def _wide_resnet(depth: int) -> Callable[[int, int], nn.Module]:
+    return lambda k, c: WideResNet(depth, 2, k, in_channels=c)
+
+
+def _vgg(blocks: list[list[int]]) -> Callable[[int, int], nn.Module]:
+    return lambda k, c: VGG(blocks, k, in_channels=c)
+
+
+def _small_cnn(width: int) -> Callable[[int, int], nn.Module]:
+    return lambda k, c: SmallCNN(width, k, in_channels=c)
+
+
 _VGG_BLOCKS = {
     "vgg8": [[64], [128], [256], [512], [512]],
     "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
@@ -141,14 +153,12 @@ for _depth in (8, 14, 20, 32, 56, 110):
 for _depth in (8, 32):
     register_model(ModelSpec(f"resnet{_depth}x4", _resnet(_depth, width=64, stem_width=32), "stages", 32))
 for _depth in (16, 40):
-    register_model(
-        ModelSpec(f"wrn_{_depth}_2", lambda k, c, d=_depth: WideResNet(d, 2, k, in_channels=c), "stage3", 32)
-    )
+    register_model(ModelSpec(f"wrn_{_depth}_2", _wide_resnet(_depth), "stage3", 32))
 for _name, _blocks in _VGG_BLOCKS.items():
-    register_model(ModelSpec(_name, lambda k, c, b=_blocks: VGG(b, k, in_channels=c), "block5", 32))
+    register_model(ModelSpec(_name, _vgg(_blocks), "block5", 32))
 register_model(ModelSpec("mobilenetv2", lambda k, c: MobileNetV2(k, in_channels=c), "blocks", 32))
 register_model(ModelSpec("shufflenetv2", lambda k, c: ShuffleNetV2(k, in_channels=c), "stage3", 32))
 for _width in (8, 16, 32):
-    register_model(ModelSpec(f"small_cnn{_width}", lambda k, c, w=_width: SmallCNN(w, k, in_channels=c), "stage3", 32))
+    register_model(ModelSpec(f"small_cnn{_width}", _small_cnn(_width), "stage3", 32))
 register_model(ModelSpec("digits_mlp", lambda k, c: DigitsMLP(k, in_features=64 * c), "body", 8))
 register_model(ModelSpec("digits_cnn", lambda k, c: DigitsCNN(k, in_channels=c), "conv2", 8))

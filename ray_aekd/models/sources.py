@@ -403,7 +403,9 @@ def _exported_program(
             raise ModelSourceError(f"{what} is damaged: its {EXTRA_FILE} is not JSON.") from None
     names, inside = _from_metadata(metadata)
     if torch.device(map_location).type != "cpu":  # device arguments baked into the graph move too
-        program = torch.export.passes.move_to_device_pass(program, torch.device(map_location))
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, torch.device(map_location))
     return LoadedModel(
         module=program.module(),
         preprocess=default,

@@ -132,6 +132,7 @@ def _is_torchscript(path: Path) -> bool:
 def open_eval_data(spec: str, size: int | None = None) -> EvalData:
     """``--data`` as images and indices (see the module docstring)."""
     kind, _, rest = spec.partition(":")
+    source: ImageSource
     try:
         if spec == "digits":
             source = digits_source()

@@ -216,7 +216,7 @@ class RunLogger:
         steps: set[int] = set()
 
         def read() -> None:
-            steps.update(m.step for m in self._client.get_metric_history(self.run_id, metric))  # type: ignore[union-attr]
+            steps.update(m.step for m in self._client.get_metric_history(self.run_id, metric))  # type: ignore[union-attr, arg-type]
 
         self._call(f"the history of {metric}", read)
         return steps
@@ -224,12 +224,12 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        self._call("metrics", lambda: self._client.log_batch(self.run_id, metrics=batch))  # type: ignore[union-attr]
+        self._call("metrics", lambda: self._client.log_batch(self.run_id, metrics=batch))  # type: ignore[union-attr, arg-type]
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self._call(
             f"artifacts {local_dir}",
-            lambda: self._client.log_artifacts(self.run_id, local_dir, artifact_path),  # type: ignore[union-attr]
+            lambda: self._client.log_artifacts(self.run_id, local_dir, artifact_path),  # type: ignore[union-attr, arg-type]
         )
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
