@@ -34,6 +34,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch.nn import functional as F
 
+from ray_aekd._names import GRADIENT_SPACES
+from ray_aekd._names import STRATEGIES as _STRATEGY_NAMES
 from ray_aekd.core._checks import check_logits, check_num_teachers, check_temperature, check_tolerance
 
 __all__ = [
@@ -49,11 +51,11 @@ __all__ = [
 ]
 
 GradientSpace = Literal["batch_mean", "per_sample"]
-_SPACES = ("batch_mean", "per_sample")
+_SPACES = GRADIENT_SPACES
 
 #: Strategy names accepted in configs. ``average`` is the uniform mean of the teachers'
-#: KD losses, ``aekd`` uses the configured tolerance C, ``mgda`` is C = 1.
-STRATEGIES = ("average", "aekd", "mgda")
+#: KD losses, ``aekd`` uses the configured tolerance C, ``mgda`` is C = 1 (one tuple with the config's).
+STRATEGIES = _STRATEGY_NAMES
 
 _IPM_ITERATIONS = 14
 # Up to this M the QP is solved exactly by enumerating active sets (3^M small systems).

@@ -14,9 +14,11 @@ from typing import Protocol
 
 import torch
 
+from ray_aekd._names import DATASETS
+
 __all__ = ["DataSourceError", "ImageSource", "SOURCES", "TensorSource", "ImageFolderSource", "open_source"]
 
-SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")
+SOURCES = DATASETS  # the names the config checks without importing torch
 
 
 class DataSourceError(ValueError):

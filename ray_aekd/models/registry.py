@@ -14,15 +14,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ray_aekd._names import TIMM_PREFIX, TORCHVISION_PREFIX, unknown_model_message
 from ray_aekd.core.features import forward_with_feature
 from ray_aekd.models.cifar_nets import VGG, MobileNetV2, ShuffleNetV2, SmallCNN, WideResNet
 from ray_aekd.models.cifar_resnet import CifarResNet
 from ray_aekd.models.digits_nets import DigitsCNN, DigitsMLP
 
 __all__ = ["ModelSpec", "build_model", "forward_with_feature", "model_names", "model_spec", "register_model"]
-
-TORCHVISION_PREFIX = "torchvision:"
-TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -68,11 +66,7 @@ def model_spec(name: str) -> ModelSpec:
     if name.startswith(TIMM_PREFIX):
         return _timm_spec(name)
     if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown model {name!r}. Valid models: {', '.join(_REGISTRY)}, or "
-            f"'{TORCHVISION_PREFIX}<name>' for any torchvision classification model, or '{TIMM_PREFIX}<name>' for any "
-            "timm model."
-        )
+        raise ValueError(unknown_model_message(name, tuple(_REGISTRY)))
     return _REGISTRY[name]
 
 

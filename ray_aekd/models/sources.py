@@ -40,6 +40,7 @@ import torch
 import yaml
 from torch import nn
 
+from ray_aekd._names import SOURCE_KINDS as _SOURCE_KINDS
 from ray_aekd.models.checkpoint import CheckpointError, key_differences, load_checkpoint, read_state_dict
 from ray_aekd.models.preprocess import IDENTITY_STATS, Preprocess
 from ray_aekd.models.registry import build_model
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 #: The keys that name a model's source, in configs (``teachers.<i>.<kind>``) and for ``--model``.
-SOURCE_KINDS = ("checkpoint", "model", "exported", "torchscript", "mlflow")
+SOURCE_KINDS = _SOURCE_KINDS  # the tuple the config checks without importing torch
 #: The metadata ray_aekd stores inside the files it exports (``.pt2`` extra file, TorchScript extra file).
 EXTRA_FILE = "ray_aekd.json"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
