@@ -27,7 +27,15 @@ from ray_aekd.core.weighting import (
     teacher_gram,
 )
 
-__all__ = ["DistillSettings", "HintStudent", "classification_epoch", "distill_step", "evaluate", "make_optimizer"]
+__all__ = [
+    "DistillSettings",
+    "HintStudent",
+    "classification_epoch",
+    "distill_step",
+    "evaluate",
+    "make_optimizer",
+    "teacher_weights",
+]
 
 
 def make_optimizer(
@@ -189,8 +197,50 @@ def distill_step(
         raise ValueError("settings.hint_weight > 0 needs teacher_features (one hint feature per teacher).")
     output = student(images)
     logits, feature, regressed = output if hinted else (output, None, None)
+    _check_step_logits(logits, teacher_logits, step)
+    weights, gram = teacher_weights(logits, teacher_logits, settings, reduce)
+    hints = hint_alpha = None
+    if hinted:
+        hints, hint_alpha = _hint_terms(feature, regressed, teacher_features, settings, reduce)
+    out = distillation_loss(
+        logits, teacher_logits, labels, weights, settings.temperature, settings.ce_weight, settings.kd_weight,
+        hints=hints, hint_teacher_weights=hint_alpha, hint_weight=settings.hint_weight,
+    )  # fmt: skip
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    out["gram"] = gram
+    return {name: value.detach() for name, value in out.items()}
+
+
+def teacher_weights(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    settings: DistillSettings,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teachers' weights for one step, and the Gram they were solved from.
+
+    Args:
+        logits: ``[B, K]`` student logits; teacher_logits: ``[M, B, K]``.
+        settings: strategy (``average``: uniform; else the min-norm point with C from
+            ``strategy_tolerance``), temperature and gradient space.
+        reduce: all-reduce hook applied to the gradient statistics before the solve.
+
+    Returns:
+        ``(weights [M], gram [M, M])``: weights sum to 1, each at most C; detached.
+    """
     num = teacher_logits.shape[0]
     cap = strategy_tolerance(settings.strategy, num, settings.tolerance)
+    gradients = kd_logit_gradients(logits, teacher_logits, settings.temperature)
+    gram = teacher_gram(gradients, settings.space, settings.normalize, reduce)
+    if settings.strategy == "average":
+        return torch.full((num,), 1.0 / num, dtype=logits.dtype, device=logits.device), gram
+    return min_norm_weights(gram, cap).detach(), gram
+
+
+def _check_step_logits(logits: torch.Tensor, teacher_logits: torch.Tensor, step: int | None) -> None:
+    """Shapes agree and every logit is finite; a ``NonFiniteLogitsError`` names ``step``."""
     check_logits(logits, teacher_logits)
     try:
         check_finite_logits(logits, teacher_logits)
@@ -198,34 +248,21 @@ def distill_step(
         if step is None:
             raise
         raise NonFiniteLogitsError(f"{error.args[0]} (at step {step})", error.teachers, step) from None
-    gradients = kd_logit_gradients(logits, teacher_logits, settings.temperature)
-    gram = teacher_gram(gradients, settings.space, settings.normalize, reduce)
+
+
+def _hint_terms(
+    feature: torch.Tensor | None,
+    regressed: Sequence[torch.Tensor] | None,
+    teacher_features: Sequence[torch.Tensor] | None,
+    settings: DistillSettings,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hints [M], hint weights [M])``: each teacher's FitNet MSE and its weight (uniform for
+    ``average``, else AE-KD in the gradient space of the student's hint ``feature``)."""
+    assert feature is not None and regressed is not None and teacher_features is not None
+    hints = mse_per_teacher(regressed, teacher_features)
+    num = hints.shape[0]
     if settings.strategy == "average":
-        weights = torch.full((num,), 1.0 / num, dtype=logits.dtype, device=logits.device)
-    else:
-        weights = min_norm_weights(gram, cap).detach()
-    hints = hint_alpha = None
-    if hinted:
-        assert feature is not None and regressed is not None and teacher_features is not None
-        hints = mse_per_teacher(regressed, teacher_features)
-        if settings.strategy == "average":
-            hint_alpha = torch.full_like(hints, 1.0 / num).detach()
-        else:
-            hint_alpha = hint_weights(hints, feature, cap, settings.space, settings.normalize, reduce)
-    out = distillation_loss(
-        logits,
-        teacher_logits,
-        labels,
-        weights,
-        settings.temperature,
-        settings.ce_weight,
-        settings.kd_weight,
-        hints=hints,
-        hint_teacher_weights=hint_alpha,
-        hint_weight=settings.hint_weight,
-    )
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    optimizer.step()
-    out["gram"] = gram
-    return {name: value.detach() for name, value in out.items()}
+        return hints, torch.full_like(hints, 1.0 / num).detach()
+    cap = strategy_tolerance(settings.strategy, num, settings.tolerance)
+    return hints, hint_weights(hints, feature, cap, settings.space, settings.normalize, reduce)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,7 @@ def log_params(uri: str, run_id: str, values: dict[str, Any], retry: bool = Fals
     client = MlflowClient(uri)
     params = [Param(k, str(v)[:PARAM_LENGTH]) for k, v in values.items()]
     for i in range(0, len(params), PARAMS_PER_BATCH):
-        batch = params[i : i + PARAMS_PER_BATCH]
-        _call(lambda batch=batch: client.log_batch(run_id, params=batch), retry)
+        _call(partial(client.log_batch, run_id, params=params[i : i + PARAMS_PER_BATCH]), retry)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0, retry: bool = False) -> None:
@@ -77,8 +77,7 @@ def log_metric_rows(
     stamp = int(time.time() * 1000)
     metrics = [Metric(str(k), float(v), stamp, int(step)) for k, v, step in rows]
     for i in range(0, len(metrics), per_call):
-        batch = metrics[i : i + per_call]
-        _call(lambda batch=batch: client.log_batch(run_id, metrics=batch), retry)
+        _call(partial(client.log_batch, run_id, metrics=metrics[i : i + per_call]), retry)
 
 
 def log_run_inputs(
