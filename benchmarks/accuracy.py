@@ -240,7 +240,7 @@ def train_or_reuse_teachers(scenario: Scenario, folder: Path, uri: str, experime
             "teachers": scenario.teachers,
             "data": scenario.data,
             "train": scenario.teacher_train,
-            "resources": {"cpus_per_teacher": scenario.teacher_cpus},
+            "trials": {"cpus": scenario.teacher_cpus},
             "tracking": {"uri": uri, "experiment": experiment},
             "output_dir": str(folder / "teachers"),
             "seed": 0,
@@ -264,7 +264,7 @@ def distill_base(scenario: Scenario, teachers: dict[str, Any], uri: str, experim
     """The distillation config (plain data) every student of the scenario starts from."""
     return {
         "teachers": [
-            {"name": name, "checkpoint": row["checkpoint"], "num_cpus": 0.5, "batch_size": 512}
+            {"name": name, "checkpoint": row["checkpoint"], "cpus": 0.5, "batch_size": 512}
             for name, row in teachers["teachers"].items()
         ],
         "student": {"model": scenario.student},
@@ -284,14 +284,14 @@ def sweep_settings(scenario: Scenario, folder: Path) -> dict[str, Any]:
         "output_dir": str(folder / "sweep"),
         "overrides": {
             "data": {"tuning_fraction": scenario.tuning_fraction},
-            "workers": {"num_workers": 1, "cpus_per_worker": 0.5},
+            "workers": {"num_workers": 1, "cpus": 0.5},
             "seed": 0,
         },
         "space": {"distill.tolerance": {"grid": scenario.sweep_tolerances}},
         "search": {"algorithm": "grid"},
         "scheduler": {"type": "none"},
         "metric": "val/acc1",
-        "max_concurrent_trials": scenario.sweep_concurrency,
+        "trials": {"max_concurrent": scenario.sweep_concurrency},
         "soft_label_cache": True,
     }
 

@@ -430,7 +430,7 @@ def run_pipeline(
                 {
                     "name": p.name,
                     "checkpoint": str(p),
-                    "num_cpus": TEACHER_CPUS,
+                    "cpus": TEACHER_CPUS,
                     "actors": 1,
                     "batch_size": TEACHER_BATCH,
                 }
@@ -440,7 +440,7 @@ def run_pipeline(
             "distill": LOSS,
             "data": {"dataset": "imagefolder", "path": str(data_path), "augment": True, "val_fraction": VAL_FRACTION},
             "train": {"epochs": epochs, "batch_size": batch_size, **OPTIM},
-            "workers": {"num_workers": 1, "cpus_per_worker": WORKER_CPUS},
+            "workers": {"num_workers": 1, "cpus": WORKER_CPUS},
             "tracking": {"uri": uri, "experiment": experiment},
             "name": "bench",
             "output_dir": str(output_dir / "pipeline"),

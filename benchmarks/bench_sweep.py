@@ -118,7 +118,7 @@ def write_configs(
     base = {
         "seed": SEED,
         "teachers": [
-            {"name": p.name, "checkpoint": str(p), "num_cpus": TEACHER_CPUS, "batch_size": TEACHER_BATCH}
+            {"name": p.name, "checkpoint": str(p), "cpus": TEACHER_CPUS, "batch_size": TEACHER_BATCH}
             for p in teacher_paths
         ],
         "student": {"model": args.student_model},
@@ -131,7 +131,7 @@ def write_configs(
             "views": args.views,
         },
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, **OPTIM},
-        "workers": {"num_workers": 1, "cpus_per_worker": WORKER_CPUS},
+        "workers": {"num_workers": 1, "cpus": WORKER_CPUS},
         "tracking": {"uri": uri, "experiment": EXPERIMENT},
     }
     (work / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
@@ -147,8 +147,7 @@ def write_configs(
             },
             "search": {"algorithm": "grid"},
             "num_samples": 1,
-            "max_concurrent_trials": args.concurrency,
-            "trial_cpus": TRIAL_CPUS,
+            "trials": {"cpus": TRIAL_CPUS, "max_concurrent": args.concurrency},
             "soft_label_cache": cached,
         }
         if not cached:  # the baseline: the teachers every epoch (stream), or once per view per trial (auto)
@@ -196,7 +195,7 @@ def run_one(mode: str, sweep_file: Path) -> dict[str, Any]:
 
     sweep, base = load_sweep(sweep_file)
     sweep_dir = Path(sweep.output_dir) / sweep.name
-    say(f"{mode}: sweep {sweep.name}, {sweep.max_concurrent_trials} trial(s) at once, output under {sweep_dir}")
+    say(f"{mode}: sweep {sweep.name}, {sweep.trials.max_concurrent} trial(s) at once, output under {sweep_dir}")
     start = time.perf_counter()
     try:
         result = run_sweep(sweep, base, log=lambda line: say(f"{mode}: {line}"))

@@ -38,9 +38,9 @@ def main(teachers: dict[str, str], work: Path) -> dict:
         a, b, c = teachers["cnn_a"], teachers["cnn_b"], teachers["mlp_c"]
         overrides = [
             "teachers=["
-            f"{{name: cnn_a, checkpoint: '{a}', stage: actors, num_cpus: 0.5, resources: {{teacher_gpu: 1}}}}, "
-            f"{{name: cnn_b, checkpoint: '{b}', stage: tasks, num_cpus: 0.5, resources: {{teacher_gpu: 1}}}}, "
-            f"{{name: mlp_c, checkpoint: '{c}', stage: actors, num_cpus: 0.5, "
+            f"{{name: cnn_a, checkpoint: '{a}', stage: actors, cpus: 0.5, custom_resources: {{teacher_gpu: 1}}}}, "
+            f"{{name: cnn_b, checkpoint: '{b}', stage: tasks, cpus: 0.5, custom_resources: {{teacher_gpu: 1}}}}, "
+            f"{{name: mlp_c, checkpoint: '{c}', stage: actors, cpus: 0.5, "
             "label_selector: {ray-aekd/role: teacher}}]",
             "workers.label_selector={ray-aekd/role: student}",
             f"output_dir={work / 'out'}",

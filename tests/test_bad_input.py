@@ -263,7 +263,8 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
     ("string-for-a-bool", ["data.augment=maybe"], "data.augment: got 'maybe'; allowed: true or false."),
     ("string-for-a-list", ["teachers=abc"], "teachers: got 'abc'; allowed: a list."),
     ("list-for-a-mapping", ["data=[1, 2]"], "data: got [1, 2]; allowed: a mapping of dataset, path, download,"),
-    ("list-for-a-resource-mapping", ["teachers.0.resources=[1]"], "teachers.0.resources: got [1]; allowed: a mapping."),
+    ("list-for-a-resource-mapping", ["teachers.0.custom_resources=[1]"],
+     "teachers.0.custom_resources: got [1]; allowed: a mapping."),
     ("batch-smaller-than-workers", ["train.batch_size=1"],
      "train.batch_size: got 1; allowed: a multiple of workers.num_workers = 2, so at least 2 (it is the global "
      "batch, split evenly across workers)."),
@@ -344,7 +345,7 @@ def gpu_run(inputs, tmp_path_factory) -> subprocess.CompletedProcess:
     """``ray-aekd distill`` asking one GPU for teacher a, on this GPU-less machine, with no cluster
     in RAY_ADDRESS: refused before a local Ray starts. In a subprocess with a timeout (a hang fails
     the test). With Ray running, tests/test_placement.py checks the same request against its nodes."""
-    sets = [_fill(_teachers(), inputs), f"teachers.0.num_gpus={torch.cuda.device_count() + 1}"]
+    sets = [_fill(_teachers(), inputs), f"teachers.0.gpus={torch.cuda.device_count() + 1}"]
     tmp_path = tmp_path_factory.mktemp("gpu")
     return _cli(tmp_path, "distill", "--config", SMOKE, *[a for s in sets for a in ("--set", s)], timeout=180)
 
@@ -354,8 +355,8 @@ def test_more_gpus_than_the_cluster_has_is_an_error_not_a_hang(gpu_run):
     error = [line for line in gpu_run.stderr.splitlines() if "error:" in line]
     have = torch.cuda.device_count()
     assert error == [
-        f"ray-aekd distill: error: teachers.0.num_gpus: got {have + 1}; allowed: GPUs this machine has ({have}; the "
-        f"run would need {have + 1}), since no RAY_ADDRESS names a cluster: set it to 0 (teachers' num_gpus) or "
-        "false (workers.use_gpu) to run on CPU, or submit the run to a cluster with GPUs."
+        f"ray-aekd distill: error: teachers.0.gpus: got {have + 1}; allowed: GPUs this machine has ({have}; the "
+        f"run would need {have + 1}), since no RAY_ADDRESS names a cluster: set it to 0 (teachers.<i>.gpus, "
+        "workers.gpus) to run on CPU, or submit the run to a cluster with GPUs."
     ]
     assert "Started a local Ray instance" not in gpu_run.stderr + gpu_run.stdout  # refused before Ray started

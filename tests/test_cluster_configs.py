@@ -148,9 +148,9 @@ def check_run_fits(demands: list[Demand], nodes: list[dict[str, Any]]) -> None:
 
 def teacher_training_demands() -> list[Demand]:
     config = load_config(TeachersConfig, ROOT / "tune_configs" / "teachers_cifar100.yaml")
-    res = config.resources
-    per = {"CPU": res.cpus_per_teacher} | ({"GPU": res.gpus_per_teacher} if res.gpus_per_teacher else {})
-    return [Demand("resources", "teacher trial", per, count=len(config.teachers))]
+    res = config.trials
+    per = {"CPU": res.cpus} | ({"GPU": res.gpus} if res.gpus else {})
+    return [Demand("trials", "teacher trial", per, count=len(config.teachers))]
 
 
 def cifar100_runs() -> dict[str, list[Demand]]:
@@ -185,7 +185,7 @@ def test_launcher_nodes_kept_up_hold_every_cifar100_job(name):
     sweep, base = load_sweep(ROOT / "tune_configs" / "sweep_cifar100.yaml")
     workers = from_base(base).workers
     student = node_type_with_role(config, "student")
-    assert student["max_workers"] * student["resources"]["GPU"] >= sweep.max_concurrent_trials * workers.num_workers
+    assert student["max_workers"] * student["resources"]["GPU"] >= sweep.trials.max_concurrent * workers.num_workers
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,11 @@ GOOD_TEACHERS = "teachers:\n  - {name: a, model: digits_mlp}\n"
         (GOOD_TEACHERS, ["train.schedule=step"], r"train.schedule: got 'step'; allowed: cosine, multistep, constant"),
         (GOOD_TEACHERS, ["data.dataset=mnist"], r"data.dataset: got 'mnist'; allowed: digits, cifar10"),
         (GOOD_TEACHERS, ["data.dataset=cifar10"], r"data.path: got None; allowed: a folder for dataset 'cifar10'"),
-        (GOOD_TEACHERS, ["resources.gpus_per_teacher=-1"], r"resources.gpus_per_teacher: got -1.0"),
-        (GOOD_TEACHERS, ["resources.max_failures=-2"], r"resources.max_failures: got -2; allowed: an integer >= 0, or"),
-        (GOOD_TEACHERS, ["resources.max_failures=1.5"], r"resources.max_failures: got 1.5; allowed: an integer"),
+        (GOOD_TEACHERS, ["trials.gpus=-1"], r"trials.gpus: got -1.0"),
+        (GOOD_TEACHERS, ["trials.max_failures=-2"], r"trials.max_failures: got -2; allowed: an integer >= 0, or"),
+        (GOOD_TEACHERS, ["trials.max_failures=1.5"], r"trials.max_failures: got 1.5; allowed: an integer"),
+        (GOOD_TEACHERS + "resources: {cpus_per_teacher: 1}\ntrials: {cpus: 2}\n", [],
+         r"resources.cpus_per_teacher and trials.cpus: both given"),
         (GOOD_TEACHERS, ["faults.kill_teacher=z"], r"faults.kill_teacher: got 'z'; allowed: one of the teachers \(a\)"),
         (
             GOOD_TEACHERS,
@@ -109,3 +112,93 @@ def test_distill_preset_fills_what_the_config_leaves_out():
         load_config(DistillConfig, None, [teachers, "preset=fast"])
     with pytest.raises(ConfigError, match=r"distill.strategy: got 'aekd'; allowed: average when there is a single"):
         load_config(DistillConfig, None, ["teachers=[{name: a, checkpoint: x}]"])
+
+
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_use_todays_keys(name, capsys, tmp_path):
+    """Every shipped config loads without a renamed-key warning, and --print-config's YAML reads
+    back into the same config."""
+    from ray_aekd.config import DistillConfig, SweepConfig, dump_yaml, load_sweep
+
+    cls = {"teachers": TeachersConfig, "distill": DistillConfig, "sweep": SweepConfig}[name.split("_")[0]]
+    config = load_sweep(CONFIGS / name)[0] if cls is SweepConfig else load_config(cls, CONFIGS / name)
+    assert "warning" not in capsys.readouterr().err
+    if cls is SweepConfig:  # the printed config is read from elsewhere: its base by its full path
+        config = dataclasses.replace(config, base=str(CONFIGS / config.base))
+    again = tmp_path / name
+    again.write_text(dump_yaml(config))
+    assert load_config(cls, again) == config
+
+
+OLD_TEACHERS = GOOD_TEACHERS + "resources: {cpus_per_teacher: 0.5, gpus_per_teacher: 0.25, max_failures: 4}\n"
+NEW_TEACHERS = GOOD_TEACHERS + "trials: {cpus: 0.5, gpus: 0.25, max_failures: 4}\n"
+OLD_DISTILL = """
+teachers:
+  - {name: a, checkpoint: x, num_cpus: 2, num_gpus: 0.5, resources: {teacher_gpu: 1}}
+  - {name: b, checkpoint: y, num_cpus: 2, num_gpus: 0.5, resources: {teacher_gpu: 1}}
+workers: {num_workers: 2, cpus_per_worker: 3, use_gpu: true, resources: {student_gpu: 1}}
+"""
+NEW_DISTILL = """
+teachers:
+  - {name: a, checkpoint: x, cpus: 2, gpus: 0.5, custom_resources: {teacher_gpu: 1}}
+  - {name: b, checkpoint: y, cpus: 2, gpus: 0.5, custom_resources: {teacher_gpu: 1}}
+workers: {num_workers: 2, cpus: 3, gpus: 1, custom_resources: {student_gpu: 1}}
+"""
+
+
+def test_old_keys_load_for_one_release_with_a_warning_naming_the_new_key(tmp_path, capsys):
+    from ray_aekd.config import DistillConfig
+    from ray_aekd.config._base import _warned
+
+    _warned.clear()
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(OLD_TEACHERS)
+    new.write_text(NEW_TEACHERS)
+    assert load_config(TeachersConfig, old) == load_config(TeachersConfig, new)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"ray-aekd: warning: resources.{a} is renamed trials.{b}; the old key works until 0.3."
+        for a, b in (("cpus_per_teacher", "cpus"), ("gpus_per_teacher", "gpus"), ("max_failures", "max_failures"))
+    ]
+    old.write_text(OLD_DISTILL)
+    new.write_text(NEW_DISTILL)
+    config = load_config(DistillConfig, old)
+    assert config == load_config(DistillConfig, new)
+    assert config.workers.gpus == 1.0 and config.workers.use_gpu and config.teachers[1].custom_resources
+    err = capsys.readouterr().err
+    for line in (
+        "teachers.<i>.num_cpus is renamed teachers.<i>.cpus; the old key works until 0.3.",
+        "teachers.<i>.num_gpus is renamed teachers.<i>.gpus",
+        "teachers.<i>.resources is renamed teachers.<i>.custom_resources",
+        "workers.cpus_per_worker is renamed workers.cpus",
+        "workers.use_gpu is renamed workers.gpus",
+        "workers.resources is renamed workers.custom_resources",
+    ):
+        assert err.count(line) == 1, err  # once, not once per teacher
+    # --set with an old key: under the new name, replacing the file's value (and its value converted)
+    config = load_config(DistillConfig, new, ["workers.use_gpu=false", "teachers.1.num_cpus=0.25"])
+    assert (config.workers.gpus, config.teachers[1].cpus, config.teachers[0].cpus) == (0.0, 0.25, 2.0)
+    with pytest.raises(ConfigError, match=r"workers.use_gpu: got 'maybe'; allowed: true or false"):
+        load_config(DistillConfig, new, ["workers.use_gpu=maybe"])
+    with pytest.raises(ConfigError, match=r"workers.gpus: got 2.0; allowed: 0 \(CPU\) or 1"):
+        load_config(DistillConfig, new, ["workers.gpus=2"])
+
+
+def test_old_sweep_keys_and_old_keys_in_overrides(tmp_path, capsys):
+    from ray_aekd.config import DistillConfig, from_dict, load_sweep
+
+    (tmp_path / "base.yaml").write_text(NEW_DISTILL.replace("gpus: 1,", "gpus: 0,").replace("gpus: 0.5", "gpus: 0"))
+    (tmp_path / "sweep.yaml").write_text(
+        "base: base.yaml\nspace: {distill.temperature: {grid: [2.0]}}\ntrial_cpus: 0.3\nmax_concurrent_trials: 3\n"
+        "overrides: {workers: {cpus_per_worker: 0.5}}\n"
+    )
+    sweep, base = load_sweep(tmp_path / "sweep.yaml")
+    assert (sweep.trials.cpus, sweep.trials.max_concurrent) == (0.3, 3)
+    assert from_dict(DistillConfig, base).workers.cpus == 0.5  # the old override key replaced the base's new one
+    err = capsys.readouterr().err
+    assert "trial_cpus is renamed trials.cpus" in err
+    assert "max_concurrent_trials is renamed trials.max_concurrent" in err
+    assert "overrides.workers.cpus_per_worker is renamed overrides.workers.cpus" in err

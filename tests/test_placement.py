@@ -57,12 +57,12 @@ def test_a_placement_no_node_can_meet_is_refused_before_scheduling(local_ray, di
     message = r"workers: a train worker needs \{CPU: 0.5\} on a node labelled \{ray-aekd/role: student\}, but no node"
     with pytest.raises(ValueError, match=message):
         distill(labelled, log=lambda line: None)
-    custom = load_config(DistillConfig, SMOKE, [*base, "teachers.1.resources={teacher_gpu: 1}"])
+    custom = load_config(DistillConfig, SMOKE, [*base, "teachers.1.custom_resources={teacher_gpu: 1}"])
     with pytest.raises(ValueError, match=r"teachers.1: a teacher 'cnn_b' task needs \{CPU: 1, teacher_gpu: 1\}"):
         distill(custom, log=lambda line: None)
     more = torch.cuda.device_count() + 1  # more GPUs than any node of the local Ray has
-    gpus = load_config(DistillConfig, SMOKE, [*base, f"teachers.0.num_gpus={more}"])
-    message = rf"teachers.0: a teacher 'cnn_a' actor needs \{{CPU: 1, GPU: {more}\}}.*teachers.0.num_gpus is {more}"
+    gpus = load_config(DistillConfig, SMOKE, [*base, f"teachers.0.gpus={more}"])
+    message = rf"teachers.0: a teacher 'cnn_a' actor needs \{{CPU: 1, GPU: {more}\}}.*teachers.0.gpus is {more}"
     with pytest.raises(ValueError, match=message):
         distill(gpus, log=lambda line: None)
     assert not (tmp_path / "out").exists()  # refused before the run folder was made
@@ -116,12 +116,18 @@ def test_demands_must_fit_on_one_node_and_in_the_cluster():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("teachers.0.resources={CPU: 2}", r"teachers.0.resources.CPU: got 2; allowed: a custom resource"),
-        ("teachers.0.resources={teacher_gpu: 1.5}", r"teachers.0.resources.teacher_gpu: got 1.5; allowed: a number"),
-        ("teachers.0.resources={teacher_gpu: 0}", r"teachers.0.resources.teacher_gpu: got 0"),
-        ("teachers.0.resources=[teacher_gpu]", r"teachers.0.resources: got \['teacher_gpu'\]; allowed: a mapping"),
+        ("teachers.0.custom_resources={CPU: 2}", r"teachers.0.custom_resources.CPU: got 2; allowed: a custom resource"),
+        (
+            "teachers.0.custom_resources={teacher_gpu: 1.5}",
+            r"teachers.0.custom_resources.teacher_gpu: got 1.5; allowed: a number",
+        ),
+        ("teachers.0.custom_resources={teacher_gpu: 0}", r"teachers.0.custom_resources.teacher_gpu: got 0"),
+        (
+            "teachers.0.custom_resources=[teacher_gpu]",
+            r"teachers.0.custom_resources: got \['teacher_gpu'\]; allowed: a mapping",
+        ),
         ("teachers.0.label_selector={zone: 1}", r"teachers.0.label_selector.zone: got 1; allowed: a string"),
-        ("workers.resources={GPU: 1}", r"workers.resources.GPU: got 1; allowed: a custom resource"),
+        ("workers.custom_resources={GPU: 1}", r"workers.custom_resources.GPU: got 1; allowed: a custom resource"),
         (
             "workers={num_workers: 0, label_selector: {zone: a}}",
             r"workers.label_selector: got \{'zone': 'a'\}; allowed: empty when num_workers is 0",

@@ -144,8 +144,8 @@ def test_load_sweep_reads_the_base_next_to_the_sweep_file_and_merges_overrides(t
         soft_label_cache: true
         """,
     )
-    sweep, base = load_sweep(str(sweep_file), ["max_concurrent_trials=3"])
-    assert sweep.max_concurrent_trials == 3 and sweep.direction == "max"
+    sweep, base = load_sweep(str(sweep_file), ["trials.max_concurrent=3"])
+    assert sweep.trials.max_concurrent == 3 and sweep.direction == "max"
     assert base["train"] == {"epochs": 3, "batch_size": 64}
     assert base["cache"]["path"].endswith("runs/sweep/s/soft_labels")  # the default cache of a cached sweep
 

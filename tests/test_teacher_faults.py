@@ -48,14 +48,14 @@ def test_a_killed_teacher_trial_resumes_from_its_checkpoint(local_ray, tmp_path,
     monkeypatch.setenv("RAY_AEKD_TEACHER_FAULTS", "{kill_teacher: b, kill_teacher_epoch: 1}")
     out = tmp_path / "teachers"
     config = load_config(TeachersConfig, SMOKE, [TEACHERS, f"output_dir={out}"])
-    assert config.train.epochs == 2 and config.resources.max_failures == 2  # the smoke config, the default
+    assert config.train.epochs == 2 and config.trials.max_failures == 2  # the smoke config, the default
     lines: list[str] = []
     result = train_teachers(config, log=lines.append)
 
     assert (out / "faults" / "kill_teacher.fired").exists()  # b's process really died
     assert "fault injection on: kill the trial process of teacher 'b' after its epoch 1" in lines
     assert (
-        "[ray-aekd] teacher b failed (restart 1, resources.max_failures: at most 2); restarting it from its "
+        "[ray-aekd] teacher b failed (restart 1, trials.max_failures: at most 2); restarting it from its "
         "checkpoint after epoch 1"
     ) in lines
     assert "[ray-aekd] teacher b resuming from its checkpoint after epoch 1" in _trial_output(local_ray)

@@ -54,8 +54,8 @@ def test_teachers_train_checkpoint_and_log(local_ray, tmp_path, monkeypatch):
 
 
 def test_more_gpus_than_the_cluster_has_is_refused_at_once(local_ray, tmp_path):
-    config = load_config(TeachersConfig, SMOKE, ["resources.gpus_per_teacher=1", f"output_dir={tmp_path / 'never'}"])
-    with pytest.raises(ValueError, match=r"gpus_per_teacher = 1 .* need 1 GPU\(s\), but this Ray cluster has 0"):
+    config = load_config(TeachersConfig, SMOKE, ["trials.gpus=1", f"output_dir={tmp_path / 'never'}"])
+    with pytest.raises(ValueError, match=r"trials.gpus = 1 .* need 1 GPU\(s\), but this Ray cluster has 0"):
         train_teachers(config)
     assert not (tmp_path / "never").exists()
 

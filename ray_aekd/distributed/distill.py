@@ -295,7 +295,7 @@ def _distill(
     timings["mlflow_open"] = time.perf_counter() - mark
     if run_id:
         log(f"MLflow: {uri}, experiment {config.tracking.experiment!r}, run {run_id}")
-    resources: dict[str, float] = {"CPU": workers.cpus_per_worker} | workers.resources
+    resources: dict[str, float] = {"CPU": workers.cpus} | workers.custom_resources
     if workers.use_gpu:
         resources["GPU"] = 1.0
     storage = train_storage(config)
@@ -478,7 +478,7 @@ def local_mode(config: DistillConfig) -> bool:
     return (
         workers.num_workers == 1
         and not workers.use_gpu
-        and not workers.resources
+        and not workers.custom_resources
         and not workers.label_selector
         and workers.max_failures == 0
         and config.faults.kill_worker_rank is None
@@ -610,7 +610,7 @@ def training_dataset(config: DistillConfig, source: Any, train_idx: torch.Tensor
     return dataset_input(data.dataset, digest.hexdigest()[:16], where, "training", profile)
 
 
-_RESOURCE_HINT = "lower workers.cpus_per_worker, teachers.<i>.num_cpus or teachers.<i>.actors"
+_RESOURCE_HINT = "lower workers.cpus, teachers.<i>.cpus or teachers.<i>.actors"
 
 
 def _demands(config: DistillConfig) -> list[Demand]:

@@ -268,14 +268,14 @@ def stage_specs(config: DistillConfig, source: ImageSource) -> list[TeacherStage
                 source=dataclasses.replace(teacher.source(), preprocess=loaded.preprocess),
                 num_classes=source.num_classes,
                 in_channels=source.input_shape[0],
-                num_gpus=teacher.num_gpus,
-                num_cpus=teacher.num_cpus,
+                num_gpus=teacher.gpus,
+                num_cpus=teacher.cpus,
                 actors=teacher.actors,
                 batch_size=teacher.batch_size,
                 hint_layer=layer,
-                stage=teacher.stage if teacher.stage != "auto" else ("actors" if teacher.num_gpus > 0 else "tasks"),
+                stage="actors" if teacher.runs_as_actors else "tasks",
                 weights_sha256=loaded.digest,
-                resources=tuple(sorted(teacher.resources.items())),
+                resources=tuple(sorted(teacher.custom_resources.items())),
                 label_selector=tuple(sorted(teacher.label_selector.items())),
             )
         )
@@ -288,17 +288,17 @@ def run_demands(config: DistillConfig, *, teachers: bool, workers: bool) -> list
     demands = []
     if teachers:
         for i, t in enumerate(config.teachers):
-            pool = t.stage == "actors" or (t.stage == "auto" and t.num_gpus > 0)
+            pool = t.runs_as_actors
             demands.append(
                 Demand(
                     key=f"teachers.{i}",
                     what=f"teacher {t.name!r} {'actor' if pool else 'task'}",
-                    resources={"CPU": t.num_cpus} | ({"GPU": t.num_gpus} if t.num_gpus else {}) | t.resources,
+                    resources={"CPU": t.cpus} | ({"GPU": t.gpus} if t.gpus else {}) | t.custom_resources,
                     label_selector=t.label_selector,
                     count=t.actors if pool else 1,
                     held=pool,  # an actor pool holds its resources for the whole run; tasks while they run
-                    gpu_key=f"teachers.{i}.num_gpus" if t.num_gpus else "",
-                    gpu_value=f"{t.num_gpus:g}",
+                    gpu_key=f"teachers.{i}.gpus" if t.gpus else "",
+                    gpu_value=f"{t.gpus:g}",
                 )
             )
     if workers:
@@ -307,11 +307,11 @@ def run_demands(config: DistillConfig, *, teachers: bool, workers: bool) -> list
             Demand(
                 key="workers",
                 what="train worker",
-                resources={"CPU": w.cpus_per_worker} | ({"GPU": 1.0} if w.use_gpu else {}) | w.resources,
+                resources={"CPU": w.cpus} | ({"GPU": w.gpus} if w.gpus else {}) | w.custom_resources,
                 label_selector=w.label_selector,
                 count=max(1, w.num_workers),
-                gpu_key="workers.use_gpu" if w.use_gpu else "",
-                gpu_value="true",
+                gpu_key="workers.gpus" if w.gpus else "",
+                gpu_value=f"{w.gpus:g}",
             )
         )
     return demands

@@ -32,7 +32,7 @@ class Demand:
     label_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
     count: int = 1
     held: bool = True
-    gpu_key: str = ""  # the key that asks for its GPUs and its value ("teachers.0.num_gpus", "1")
+    gpu_key: str = ""  # the key that asks for its GPUs and its value ("teachers.0.gpus", "1")
     gpu_value: str = ""
 
 
@@ -92,8 +92,8 @@ def _check_local_gpus(num_gpus: float, demands: Sequence[Demand]) -> None:
         return  # enough, or no key to name: the cluster check after ray.init says it
     raise ValueError(
         f"{asking.gpu_key}: got {asking.gpu_value}; allowed: GPUs this machine has ({have}; the run would need "
-        f"{num_gpus:g}), since no RAY_ADDRESS names a cluster: set it to 0 (teachers' num_gpus) or false "
-        "(workers.use_gpu) to run on CPU, or submit the run to a cluster with GPUs."
+        f"{num_gpus:g}), since no RAY_ADDRESS names a cluster: set it to 0 (teachers.<i>.gpus, workers.gpus) "
+        "to run on CPU, or submit the run to a cluster with GPUs."
     )
 
 
@@ -107,7 +107,7 @@ def check_demands(demands: Sequence[Demand], nodes: Sequence[Mapping[str, Any]])
                 + (f" on a node labelled {_describe(demand.label_selector)}" if demand.label_selector else "")
                 + ", but no node of this Ray cluster offers that (nodes: "
                 + "; ".join(_describe_node(n) for n in nodes)
-                + f"). Change {demand.key}.resources / {demand.key}.label_selector (or its CPUs/GPUs"
+                + f"). Change {demand.key}.custom_resources / {demand.key}.label_selector (or its CPUs/GPUs"
                 + (f": {demand.gpu_key} is {demand.gpu_value}" if demand.gpu_key else "")
                 + "), or add such a node; Ray would wait for one forever."
             )

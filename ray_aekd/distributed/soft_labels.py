@@ -222,7 +222,7 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     views = identity["views"]
     demands = run_demands(config, teachers=True, workers=False)
     cpus, gpus = demand_totals(demands)
-    hint = "lower teachers.<i>.num_cpus or actors"
+    hint = "lower teachers.<i>.cpus or actors"
     connect(cpus, gpus, f"{len(stages)} teacher stage(s)", hint, demands=demands)
     fs, path = _filesystem(uri)
     fs.create_dir(path, recursive=True)

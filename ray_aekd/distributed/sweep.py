@@ -35,12 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray_aekd._console import LOG_FILE, capture_logs, tune_verbosity
 from ray_aekd._provenance import environment_tags
 from ray_aekd.config import DistillConfig, DistillTeacher, apply_preset, flatten, from_dict
-from ray_aekd.data import open_source
-from ray_aekd.distributed.distill import TrialHooks, _demands, _resources, distill, local_mode
-from ray_aekd.distributed.prepare import check_run, resolve_paths, shared_paths, teacher_key
-from ray_aekd.distributed.session import check_shared, connect
-from ray_aekd.distributed.soft_labels import cache_uri, read_manifest, relabel
-from ray_aekd.distributed.sweep_space import (
+from ray_aekd.config.sweep import (
     TOLERANCE_FRACTION,
     Dimension,
     SweepConfig,
@@ -48,6 +43,11 @@ from ray_aekd.distributed.sweep_space import (
     load_sweep,
     parse_space,
 )
+from ray_aekd.data import open_source
+from ray_aekd.distributed.distill import TrialHooks, _demands, _resources, distill, local_mode
+from ray_aekd.distributed.prepare import check_run, resolve_paths, shared_paths, teacher_key
+from ray_aekd.distributed.session import check_shared, connect
+from ray_aekd.distributed.soft_labels import cache_uri, read_manifest, relabel
 from ray_aekd.tracking.client import create_run, finish_run, log_artifacts, log_metric_rows, log_params, set_tags
 from ray_aekd.tracking.compare import collect_runs, format_table, plot_metric_against, rank_runs, write_csv
 from ray_aekd.tracking.runs import limit_mlflow_retries, open_store, resolve_tracking_uri, system_tags
@@ -190,11 +190,11 @@ def _run_sweep(
         _check_base(config, sweep_dir)  # bad teachers or data: one error before any trial is scheduled
     cpus, gpus, what = _resources(config)
     connect(
-        cpus + sweep.trial_cpus,
+        cpus + sweep.trials.cpus,
         gpus,
         f"one trial ({what} and its driver)",
-        "lower workers.cpus_per_worker or trial_cpus in the sweep's overrides",
-        local_cpus=(cpus + sweep.trial_cpus) * sweep.max_concurrent_trials,
+        "lower workers.cpus in the sweep's overrides, or trials.cpus",
+        local_cpus=(cpus + sweep.trials.cpus) * sweep.trials.max_concurrent,
         log_to_driver=False,  # each trial's own log goes to <output_dir>/<name>/trials/<trial>.log
         demands=_demands(config),
     )
@@ -260,18 +260,18 @@ def _run_sweep(
     elif sweep.search.algorithm == "random":
         # given explicitly, the generator needs the concurrency limit itself (Tune does not pass it on)
         search_alg = tune.search.BasicVariantGenerator(
-            random_state=sweep.search.seed, max_concurrent=sweep.max_concurrent_trials
+            random_state=sweep.search.seed, max_concurrent=sweep.trials.max_concurrent
         )
     log(
         f"sweep {sweep.name}: {sweep.search.algorithm} search over {', '.join(d.key for d in dimensions)}; "
-        f"{sweep.num_samples} sample(s), up to {sweep.max_concurrent_trials} trial(s) at once"
+        f"{sweep.num_samples} sample(s), up to {sweep.trials.max_concurrent} trial(s) at once"
         + (", ASHA on " + sweep.metric if scheduler else "")
         + (f"; MLflow parent run {parent_id} at {uri}" if parent_id else "")
     )
     tuner = tune.Tuner(
         # a trial whose one Train worker runs in its own process (local mode) holds that worker's CPUs too
         tune.with_resources(
-            _run_trial, {"CPU": sweep.trial_cpus + (config.workers.cpus_per_worker if local_mode(config) else 0)}
+            _run_trial, {"CPU": sweep.trials.cpus + (config.workers.cpus if local_mode(config) else 0)}
         ),
         param_space={
             "values": _tune_space(dimensions),
@@ -284,7 +284,7 @@ def _run_sweep(
             metric=sweep.metric,
             mode=sweep.direction,
             num_samples=sweep.num_samples,
-            max_concurrent_trials=sweep.max_concurrent_trials,
+            max_concurrent_trials=sweep.trials.max_concurrent,
             scheduler=scheduler,
             search_alg=search_alg,
         ),

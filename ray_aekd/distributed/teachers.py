@@ -1,7 +1,7 @@
 """``ray-aekd teachers``: train a (deliberately diverse) teacher ensemble concurrently on Ray.
 
-Each teacher is one Ray Tune trial with its own resources (``resources.cpus_per_teacher``,
-``resources.gpus_per_teacher``, fractional GPUs allowed), so M teachers train side by side
+Each teacher is one Ray Tune trial with its own resources (``trials.cpus``, ``trials.gpus``,
+fractional GPUs allowed), so M teachers train side by side
 on M GPUs, or share them. A teacher can see a subset of the training split and noisy labels
 on chosen classes, so that users can build ensembles that genuinely disagree. Every teacher
 is saved as a safe checkpoint (``ray_aekd.models.checkpoint``) and logged to MLflow from the
@@ -11,7 +11,7 @@ ensemble is evaluated on the validation split and a table is printed.
 Training survives a teacher's process dying: every epoch a trial reports a Tune checkpoint
 (``state.pt``: model, optimizer, scheduler, epoch, RNG states; tensors and plain containers
 only, read back with ``weights_only=True``), and Tune restarts a failed trial up to
-``resources.max_failures`` times; the restarted trial resumes after the checkpoint's epoch.
+``trials.max_failures`` times; the restarted trial resumes after the checkpoint's epoch.
 The Tune checkpoints are for resuming only (under ``output_dir/_tune``); the teachers that
 distillation reads are the final ``output_dir/<name>/`` checkpoints. A whole run that was
 stopped is not resumed: running the command again trains every teacher from the start.
@@ -224,8 +224,8 @@ def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Pa
     output_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(output_dir / "faults", ignore_errors=True)  # a fault fires once per run: an earlier run's markers go
     (output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    res = config.resources
-    trainable = tune.with_resources(_train_one, {"cpu": res.cpus_per_teacher, "gpu": res.gpus_per_teacher})
+    res = config.trials
+    trainable = tune.with_resources(_train_one, {"cpu": res.cpus, "gpu": res.gpus})
     names = [t.name for t in config.teachers]
     if config.faults.active:
         log(
@@ -272,7 +272,7 @@ def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Pa
     errors = [(names[r.config["teacher"]], r.error) for r in results if r.error is not None]
     if errors:
         raise RuntimeError(
-            f"{len(errors)} teacher(s) failed ({', '.join(n for n, _ in errors)}; resources.max_failures = "
+            f"{len(errors)} teacher(s) failed ({', '.join(n for n, _ in errors)}; trials.max_failures = "
             f"{res.max_failures} restarts each); first error: {errors[0][1]}"
         )
 
@@ -349,7 +349,7 @@ class _TeacherFailures(Callback, Stopper):
         limit = "no limit" if self.max_failures < 0 else f"at most {self.max_failures}"
         where = f"from its checkpoint after epoch {epoch}" if epoch else "from the start: it had no checkpoint yet"
         self.log(
-            f"[ray-aekd] teacher {self._name(trial)} failed (restart {trial.num_failures}, resources.max_failures: "
+            f"[ray-aekd] teacher {self._name(trial)} failed (restart {trial.num_failures}, trials.max_failures: "
             f"{limit}); restarting it {where}"
         )
 
@@ -405,12 +405,11 @@ def _check_teachers_fit(config: TeachersConfig, source: ImageSource) -> None:
 
 def _check_cluster(config: TeachersConfig) -> None:
     """Refuse, before anything is scheduled, resources that this Ray cluster does not have."""
-    res = config.resources
+    res = config.trials
     connect(
-        res.cpus_per_teacher,
-        res.gpus_per_teacher,
-        f"resources.gpus_per_teacher = {res.gpus_per_teacher:g} and resources.cpus_per_teacher = "
-        f"{res.cpus_per_teacher:g}: each teacher would",
-        "lower them (fractional GPUs share one), or set gpus_per_teacher to 0 for CPU",
-        local_cpus=res.cpus_per_teacher * len(config.teachers),
+        res.cpus,
+        res.gpus,
+        f"trials.gpus = {res.gpus:g} and trials.cpus = {res.cpus:g}: each teacher would",
+        "lower them (fractional GPUs share one), or set trials.gpus to 0 for CPU",
+        local_cpus=res.cpus * len(config.teachers),
     )

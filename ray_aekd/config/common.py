@@ -1,0 +1,76 @@
+"""Sections that teachers and distillation configs share (``train``, ``tracking``) and the check
+of a model name."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+from ray_aekd._names import BUILTIN_MODELS, TIMM_PREFIX, TORCHVISION_PREFIX, unknown_model_message
+from ray_aekd.config._base import ConfigError, check
+
+__all__ = ["SCHEDULES", "TrackingConfig", "TrainConfig", "check_model"]
+
+#: ``train.schedule``: how the learning rate moves over the epochs.
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+def check_model(key: str, name: str) -> None:
+    """``name`` is a model the registry can build: a built-in name (checked without torch), a
+    model registered in this process, ``torchvision:<name>`` or ``timm:<name>``."""
+    if name in BUILTIN_MODELS:
+        return
+    registry_loaded = "ray_aekd.models.registry" in sys.modules  # models registered by the caller's code
+    if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)) or registry_loaded:
+        # Only here does a config check import torch (and torchvision or timm): to ask the
+        # library whether it has this model.
+        from ray_aekd.models.registry import model_spec
+
+        try:
+            model_spec(name)
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
+        return
+    raise ConfigError(f"{key}: {unknown_model_message(name, BUILTIN_MODELS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimiser (SGD with momentum) and its learning-rate schedule."""
+
+    epochs: int = 10
+    batch_size: int = 64  # the global batch (split evenly across workers)
+    lr: float = 0.05  # the learning rate at the start
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | multistep | constant
+    milestones: tuple[int, ...] = ()  # multistep: epochs at which lr *= 0.1
+
+    def validate(self, prefix: str) -> None:
+        check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        check(math.isfinite(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "a finite number > 0")
+        check(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "a number in [0, 1)")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
+        check(self.schedule in SCHEDULES, f"{prefix}.schedule", self.schedule, ", ".join(SCHEDULES))
+        if self.schedule == "multistep":
+            steps = self.milestones
+            ok = bool(steps) and steps[0] > 0 and all(a < b for a, b in zip(steps, steps[1:], strict=False))
+            check(
+                ok and self.milestones[-1] < self.epochs,
+                f"{prefix}.milestones",
+                list(self.milestones),
+                f"increasing epochs in [1, {self.epochs - 1}] for schedule multistep",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Where MLflow runs go."""
+
+    uri: str | None = None  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db
+    experiment: str = "ray-aekd"  # MLflow experiment name
+
+    def validate(self, prefix: str) -> None:
+        check(bool(self.experiment), f"{prefix}.experiment", self.experiment, "a non-empty name")
