@@ -1,8 +1,9 @@
 """The per-worker training function of a distillation run (Ray Train, ``TorchTrainer``).
 
-Thin by design: config dict -> dataclasses -> build the student -> resume from
-``ray.train.get_checkpoint()`` if there is one -> per epoch: set the view clock, loop
-``engine.distill_step`` over the worker's shard, evaluate, report. The AE-KD weights are
+Thin by design, as in Ray's examples: restore (build the student, resume from
+``ray.train.get_checkpoint()`` if there is one) -> per epoch: set the view clock,
+``epochs.train_epoch`` over the worker's shard, ``epochs.validate_epoch``, report -> finish
+(rank 0 exports the student). The epoch functions know nothing of Ray. The AE-KD weights are
 made identical on every worker by all-reducing the ``[M, K]`` gradient means (or the
 ``[M, M]`` Gram) inside the step. Rank 0 alone writes the run folder and logs to MLflow.
 
@@ -14,10 +15,13 @@ every rank so that anyone can check they agree), ``cosine.json``, ``plots/``, ``
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,9 @@ from torch import nn
 
 from ray_aekd.config import DistillConfig, from_dict
 from ray_aekd.core.losses import HintRegressors
-from ray_aekd.core.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
-from ray_aekd.core.step import DistillSettings, HintStudent, distill_step, make_optimizer
+from ray_aekd.core.step import DistillSettings, HintStudent, make_optimizer
 from ray_aekd.core.weighting import NonFiniteLogitsError
-from ray_aekd.data.views import normalize
+from ray_aekd.distributed.epochs import EpochTotals, StudentBatch, train_epoch, train_metrics, validate_epoch
 from ray_aekd.distributed.faults import UNREACHABLE_TRACKING_URI, die, fire_once
 from ray_aekd.distributed.pipeline import feature_column, logits_column
 from ray_aekd.models import build_model
@@ -163,52 +166,195 @@ def _truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker function. ``loop_config``: ``config`` (the resolved DistillConfig as
-    plain data), ``info`` (data and model facts measured by the driver), ``run_dir``,
-    ``clock`` (a ViewClock; rank 0 also tells it how far the epoch is), ``tracking_uri``,
-    ``mlflow_run_id``, ``source_size`` (samples in the source:
-    the length of the per-epoch tally of which samples the workers got)."""
+    """Ray Train worker function: restore -> per epoch (train, validate, report) -> finish.
+
+    ``loop_config``: ``config`` (the resolved DistillConfig as plain data), ``info`` (data and
+    model facts measured by the driver), ``run_dir``, ``clock`` (a ViewClock; rank 0 also tells
+    it how far the epoch is), ``tracking_uri``, ``mlflow_run_id``, ``source_size`` (samples in
+    the source: the length of the per-epoch tally of which samples the workers got)."""
     limit_mlflow_retries()
     config = from_dict(DistillConfig, loop_config["config"])
-    info = loop_config["info"]
     run_dir = Path(loop_config["run_dir"])
     if (run_dir / STOPPED_FILE).exists():  # restarted after a stop: nothing to train (see STOPPED_FILE)
         return
-    clock = loop_config["clock"]
-    names = [t.name for t in config.teachers]
-    num_teachers = len(names)
-    session = loop_config.get("session") or TrainSession()
-    rank, world = session.world()
-    if rank == 0:
-        _record_time(run_dir, "loop_start")
-    device = session.device()
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"] if rank == 0 else None, run_dir)
+    worker = _Worker.start(config, run_dir, loop_config)
+    state = _restore(worker)
+    logged = _open_run_files(worker, state.epoch)
+    worker.open_shards()
+    for epoch in range(state.epoch, config.train.epochs):
+        _run_epoch(worker, state, epoch, logged)
+    worker.logger.flush()
+    if worker.rank == 0 and not (run_dir / DONE_FILE).exists():
+        finishing = time.perf_counter()
+        _finish(config, worker.info, state.model, run_dir, state.cosine(), worker.logger, worker.val_shard)
+        _record_time(run_dir, "finish", seconds=time.perf_counter() - finishing)
 
+
+@dataclasses.dataclass
+class _Worker:
+    """One worker's part of the run, fixed for its whole loop (read from ``loop_config`` once)."""
+
+    config: DistillConfig
+    info: dict[str, Any]
+    run_dir: Path
+    clock: Any  # the ViewClock actor
+    session: TrainSession
+    rank: int
+    world: int
+    device: torch.device
+    logger: RunLogger  # rank 0's; replaced by a failing one when a fault drill takes MLflow away
+    source_size: int
+    views: int  # kept training views (0: one stream whose teachers run every epoch)
+    local: bool  # Train's local mode: the loop runs in the driver's process
+    train_dir: str | None
+    train_shards: list[Any] = dataclasses.field(default_factory=list)  # see open_shards
+    val_shard: Any = None
+
+    @classmethod
+    def start(cls, config: DistillConfig, run_dir: Path, loop_config: dict[str, Any]) -> _Worker:
+        session = loop_config.get("session") or TrainSession()
+        rank, world = session.world()
+        if rank == 0:
+            _record_time(run_dir, "loop_start")
+        return cls(
+            config=config,
+            info=loop_config["info"],
+            run_dir=run_dir,
+            clock=loop_config["clock"],
+            session=session,
+            rank=rank,
+            world=world,
+            device=session.device(),
+            logger=RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"] if rank == 0 else None, run_dir),
+            source_size=loop_config["source_size"],
+            views=loop_config.get("train_views", 0),
+            local=bool(loop_config.get("local_mode")),
+            train_dir=loop_config.get("train_dir"),
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.config.teachers]
+
+    @property
+    def alpha_path(self) -> Path:
+        return self.run_dir / "alpha" / f"rank{self.rank}.csv"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def batch_size(self) -> int:
+        """This worker's share of the global batch."""
+        return self.config.train.batch_size // max(1, self.config.workers.num_workers)
+
+    def open_shards(self) -> None:
+        """This worker's data: one training stream whose teacher stages run every epoch, or V views
+        made once, read in turn (``distill.SoftLabelData``); and the whole validation split."""
+        views = [self.session.dataset_shard(f"train_view{v}") for v in range(self.views)]
+        self.train_shards = views or [self.session.dataset_shard("train")]
+        self.val_shard = self.session.dataset_shard("val")
+
+    @property
+    def local_checkpoint(self) -> Path | None:
+        """In local mode, where Train keeps no checkpoint, the one the loop keeps itself."""
+        return Path(self.train_dir) / LOCAL_CHECKPOINT / STATE_FILE if self.local and self.train_dir else None
+
+    @functools.cached_property
+    def settings(self) -> DistillSettings:
+        distill = self.config.distill
+        return DistillSettings(
+            strategy=distill.strategy,
+            tolerance=distill.tolerance,
+            temperature=distill.temperature,
+            ce_weight=distill.ce_weight,
+            kd_weight=distill.kd_weight,
+            space=distill.space,  # type: ignore[arg-type]
+            normalize=distill.normalize,
+            hint_weight=distill.hint_weight,
+        )
+
+
+@dataclasses.dataclass
+class _TrainState:
+    """What a checkpoint restores: the student (and hint regressors), optimizer, schedule,
+    progress and the running sum of the teachers' gradient cosines."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    cosine_sum: torch.Tensor  # [M, M]
+    cosine_steps: int = 0
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps done
+
+    def cosine(self) -> torch.Tensor:
+        """The mean cosine between the teachers' gradients over every step so far, ``[M, M]``."""
+        return self.cosine_sum / max(1, self.cosine_steps)
+
+    def add_cosines(self, gram: torch.Tensor) -> None:
+        """Add the cosines of the per-step Grams ``gram [S, M, M]`` (float64, on the host)."""
+        diag = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
+        self.cosine_sum += (gram / (diag[:, :, None] * diag[:, None, :])).sum(0)
+        self.cosine_steps += len(gram)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint (``STATE_FILE``): tensors and plain data only."""
+        state = {
+            "student": _plain_student(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "cosine_sum": self.cosine_sum,
+            "cosine_steps": self.cosine_steps,
+            "rng": torch.get_rng_state(),
+        }
+        inner = _unwrapped(self.model)
+        if isinstance(inner, HintStudent):
+            state["regressors"] = inner.regressors.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _plain_student(self.model).load_state_dict(state["student"])
+        if "regressors" in state:
+            inner = _unwrapped(self.model)
+            assert isinstance(inner, HintStudent)  # a hinted run's checkpoint (_check_resume: the same config)
+            inner.regressors.load_state_dict(state["regressors"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.cosine_sum, self.cosine_steps = state["cosine_sum"], int(state["cosine_steps"])
+        torch.set_rng_state(state["rng"])
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _restore(worker: _Worker) -> _TrainState:
+    """The same initial student on every worker, its optimizer, and the newest checkpoint's state
+    when there is one (``_resume_state``)."""
+    config = worker.config
     torch.manual_seed(config.seed)  # same initial student on every worker
-    model = session.prepare_model(_build_student(config, info))
+    model = worker.session.prepare_model(_build_student(config, worker.info))
     train = config.train
     optimizer, scheduler = make_optimizer(
         model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones
     )
-    start_epoch, step = 0, 0
-    cosine_sum = torch.zeros(num_teachers, num_teachers, dtype=torch.float64)
-    cosine_steps = 0
-    local = bool(loop_config.get("local_mode"))  # Train's local mode: the loop runs in the driver's process
-    train_dir = loop_config.get("train_dir")
-    state = _resume_state(session.checkpoint(), train_dir, local)
-    if state is not None:
-        _plain_student(model).load_state_dict(state["student"])
-        if "regressors" in state:
-            inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-            inner.regressors.load_state_dict(state["regressors"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        cosine_sum, cosine_steps = state["cosine_sum"], int(state["cosine_steps"])
-        torch.set_rng_state(state["rng"])
+    num = len(config.teachers)
+    state = _TrainState(model, optimizer, scheduler, cosine_sum=torch.zeros(num, num, dtype=torch.float64))
+    saved = _resume_state(worker.session.checkpoint(), worker.train_dir, worker.local)
+    if saved is not None:
+        state.load_state_dict(saved)
+    return state
 
-    alpha_path = run_dir / "alpha" / f"rank{rank}.csv"
-    metrics_path = run_dir / "metrics.jsonl"
+
+def _open_run_files(worker: _Worker, start_epoch: int) -> set[int]:
+    """Start (or, when resuming, cut back to ``start_epoch``) the run folder's per-epoch files;
+    returns the epochs MLflow has already (rank 0)."""
+    alpha_path, metrics_path, rank = worker.alpha_path, worker.metrics_path, worker.rank
     alpha_path.parent.mkdir(parents=True, exist_ok=True)
     if start_epoch == 0:
         alpha_path.unlink(missing_ok=True)
@@ -218,190 +364,177 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         _truncate_csv(alpha_path, start_epoch)
         if rank == 0:
             _truncate_jsonl(metrics_path, start_epoch)
-    if rank == 0 and start_epoch < train.epochs:  # epochs left to train: the exported student will be stale
-        (run_dir / DONE_FILE).unlink(missing_ok=True)
+    if rank == 0 and start_epoch < worker.config.train.epochs:  # epochs left: the exported student will be stale
+        (worker.run_dir / DONE_FILE).unlink(missing_ok=True)
     # epochs MLflow has already: after a worker-group restart, the epochs since the last checkpoint
     # Train had recorded (possibly all of them: it records a reported checkpoint asynchronously) are
     # trained again, and must not be logged twice; MLflow keeps the first attempt's values
-    logged = logger.logged_steps("val/acc1") if rank == 0 else set()
+    logged = worker.logger.logged_steps("val/acc1") if rank == 0 else set()
     if not alpha_path.exists():
-        alpha_path.write_text(",".join(["step", "epoch", *names]) + "\n")
+        alpha_path.write_text(",".join(["step", "epoch", *worker.names]) + "\n")
+    return logged
 
-    settings = DistillSettings(
-        strategy=config.distill.strategy,
-        tolerance=config.distill.tolerance,
-        temperature=config.distill.temperature,
-        ce_weight=config.distill.ce_weight,
-        kd_weight=config.distill.kd_weight,
-        space=config.distill.space,  # type: ignore[arg-type]
-        normalize=config.distill.normalize,
-        hint_weight=config.distill.hint_weight,
+
+def _run_epoch(worker: _Worker, state: _TrainState, epoch: int, logged: set[int]) -> None:
+    """One epoch on this worker: train on its shard, validate, then write, report and log the metrics."""
+    started = time.perf_counter()
+    _begin_epoch(worker, epoch)
+    totals = _train_epoch(worker, state, epoch)
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+    state.scheduler.step()
+    totals = totals.reduced(_all_reduce_sum)
+    alpha = torch.stack(totals.weights).double().cpu()  # [S, M], one host read per epoch
+    state.add_cosines(torch.stack(totals.grams).double().cpu())  # [S, M, M]
+    train_seconds = time.perf_counter() - started
+    if not torch.isfinite(totals.sums).all():
+        raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({totals.sums.tolist()}).")
+
+    evaluated = time.perf_counter()
+    info = worker.info
+    val_rows = worker.val_shard.iter_torch_batches(batch_size=512, device=worker.device)
+    val_batches = _student_batches(val_rows, worker.names)
+    metrics: dict[str, Any] = validate_epoch(
+        _plain_student(state.model), val_batches, info["mean"], info["std"], worker.rank, worker.world, worker.device,
+        _all_reduce_sum,
+    )  # fmt: skip
+    hinted = worker.config.distill.hint_weight > 0
+    metrics |= train_metrics(totals, alpha, worker.names, hinted, lr, train_seconds)
+    metrics["epoch_seconds"] = time.perf_counter() - started
+
+    _append_alpha(worker.alpha_path, alpha, state.step, epoch)
+    reported = time.perf_counter()
+    state.epoch = epoch + 1
+    _report(worker, state, metrics)
+    logging = time.perf_counter()
+    if worker.rank == 0 and epoch + 1 not in logged:  # after the checkpoint is committed; the next epoch does not wait
+        worker.logger.log_metrics_later(metrics, step=epoch + 1)
+    if worker.rank == 0:
+        first_step = totals.first_step_at - started if totals.first_step_at is not None else 0.0
+        done = time.perf_counter()
+        _record_time(
+            worker.run_dir, "epoch", epoch=epoch + 1, steps=train_seconds, first_step=first_step,
+            eval=reported - evaluated, report=logging - reported, mlflow=done - logging,
+        )  # fmt: skip
+
+
+def _begin_epoch(worker: _Worker, epoch: int) -> None:
+    """Set the view clock to ``epoch`` (rank 0) and wait for every worker; when a fault drill
+    takes the tracking server away from this epoch on, rank 0's logger starts failing."""
+    if worker.rank == 0:
+        ray.get(worker.clock.set.remote(epoch))
+    _barrier()  # nobody reads epoch e's views before the clock says e
+    faults = worker.config.faults
+    down = faults.mlflow_down_epoch is not None and epoch + 1 >= faults.mlflow_down_epoch
+    if worker.rank == 0 and down and worker.logger.uri != UNREACHABLE_TRACKING_URI:  # the server goes away
+        worker.logger.flush()
+        run_id = worker.logger.run_id if worker.logger.enabled else None
+        worker.logger = RunLogger(UNREACHABLE_TRACKING_URI, run_id, worker.run_dir)
+
+
+def _train_epoch(worker: _Worker, state: _TrainState, epoch: int) -> EpochTotals:
+    """``epochs.train_epoch`` over this worker's shard of ``epoch``; a non-finite logit stops the
+    run (``STOPPED_FILE`` says which teacher and step)."""
+    config, batch_size = worker.config, worker.batch_size
+    batches = worker.train_shards[epoch % len(worker.train_shards)].iter_torch_batches(
+        batch_size=batch_size,
+        device=worker.device,
+        drop_last=True,
+        local_shuffle_buffer_size=4 * batch_size,
+        local_shuffle_seed=config.seed * 1000 + epoch,
     )
-    reduce = _all_reduce_mean if world > 1 else None
-    hinted = settings.hint_weight > 0
-    mean, std = tuple(info["mean"]), tuple(info["std"])
-    batch_size = train.batch_size // max(1, config.workers.num_workers)
-    # one stream whose teacher stages run every epoch, or V views made once, read in turn (distill._training_sets)
-    views = loop_config.get("train_views", 0)
-    train_shards = [session.dataset_shard(f"train_view{v}") for v in range(views)] or [
-        session.dataset_shard("train")
-    ]
-    val_shard = session.dataset_shard("val")
-    faults, fault_dir = config.faults, run_dir / "faults"
-    local_checkpoint = Path(train_dir) / LOCAL_CHECKPOINT / STATE_FILE if local and train_dir else None
-
-    for epoch in range(start_epoch, train.epochs):
-        started = time.perf_counter()
-        if rank == 0:
-            ray.get(clock.set.remote(epoch))
-        _barrier()  # nobody reads epoch e's views before the clock says e
-        model.train()
-        down = faults.mlflow_down_epoch is not None and epoch + 1 >= faults.mlflow_down_epoch
-        if rank == 0 and down and logger.uri != UNREACHABLE_TRACKING_URI:  # the server goes away
-            logger.flush()
-            logger = RunLogger(UNREACHABLE_TRACKING_URI, logger.run_id if logger.enabled else None, run_dir)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, loss, ce, kd (and hint)
-        tally = torch.zeros(loop_config["source_size"], dtype=torch.int64, device=device)  # times each sample came
-        hint_sum = torch.zeros((), dtype=torch.float64, device=device)
-        weights, grams = [], []
-        batches = train_shards[epoch % len(train_shards)].iter_torch_batches(
-            batch_size=batch_size,
-            device=device,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=config.seed * 1000 + epoch,
+    view = epoch % worker.views if worker.views else None
+    hinted = config.distill.hint_weight > 0
+    reduce = _all_reduce_mean if worker.world > 1 else None
+    before_step, after_step = _step_hooks(worker, epoch, state.step)
+    try:
+        totals = train_epoch(
+            state.model, _student_batches(batches, worker.names, hinted, view, epoch), state.optimizer,
+            worker.settings, worker.info["mean"], worker.info["std"], worker.source_size, state.step, worker.device,
+            reduce, before_step, after_step,
+        )  # fmt: skip
+    except NonFiniteLogitsError as error:
+        names = worker.names
+        who = f"teacher {names[error.teachers[0]]!r}" if error.teachers else "the student"
+        message = (
+            f"{who} produced non-finite logits (NaN or Inf) at step {error.step} (epoch {epoch + 1}); stopping. "
+            + ("Check that teacher's checkpoint and inputs." if error.teachers else "Lower train.lr.")
         )
-        first_step = None
-        epoch_first_step, next_tick = step, 0.0
-        for batch in batches:
-            doomed = rank == faults.kill_worker_rank and step == faults.kill_worker_step
-            if doomed and fire_once(fault_dir, "kill_worker"):
-                die(f"killing Train worker rank {rank} (pid {os.getpid()}) before step {step}, in epoch {epoch + 1}")
-            if views and first_step is None and bool((batch["view"] != epoch % views).any()):  # once an epoch: a sync
-                raise RuntimeError(f"epoch {epoch + 1} read rows of another view than {epoch % views}; a bug.")
-            images = normalize(batch["image"], mean, std)
-            labels = batch["label"]
-            tally.index_add_(0, batch["index"], torch.ones_like(batch["index"]))
-            teacher_logits = torch.stack([batch[logits_column(n)] for n in names])
-            features = [batch[feature_column(n)] for n in names] if hinted else None
-            try:
-                out = distill_step(model, images, labels, teacher_logits, optimizer, settings, reduce, step, features)
-            except NonFiniteLogitsError as error:
-                who = f"teacher {names[error.teachers[0]]!r}" if error.teachers else "the student"
-                message = (
-                    f"{who} produced non-finite logits (NaN or Inf) at step {step} (epoch {epoch + 1}); stopping. "
-                    + ("Check that teacher's checkpoint and inputs." if error.teachers else "Lower train.lr.")
-                )
-                (run_dir / STOPPED_FILE).write_text(message + "\n")
-                raise FloatingPointError(message) from None
-            count = labels.shape[0]
-            sums += torch.stack([torch.tensor(count, device=device), out["loss"] * count, out["ce"] * count,
-                                 out["kd"] * count]).double()  # fmt: skip
-            if hinted:
-                hint_sum += out["hint"].double() * count
-            weights.append(torch.stack([out[f"weight/{m}"] for m in range(num_teachers)]))
-            grams.append(out["gram"])
-            step += 1
-            if rank == 0 and time.perf_counter() >= next_tick:  # for the driver's progress bar
-                clock.advance.remote(epoch, step - epoch_first_step)
-                next_tick = time.perf_counter() + 0.5
-            if first_step is None:
-                first_step = time.perf_counter() - started  # reading the first batch, then one step
-        if not weights:
-            raise ValueError(
-                f"epoch {epoch}: worker {rank} got no full batch of {batch_size} samples; lower train.batch_size "
-                "or use fewer workers."
-            )
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-        scheduler.step()
-        sums = _all_reduce_sum(sums)
-        hint_sum = _all_reduce_sum(hint_sum)
-        tally = _all_reduce_sum(tally)
-        alpha = torch.stack(weights).double().cpu()  # [S, M], one host read per epoch
-        gram = torch.stack(grams).double().cpu()  # [S, M, M]
-        diag = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
-        cosine_sum += (gram / (diag[:, :, None] * diag[:, None, :])).sum(0)
-        cosine_steps += len(grams)
-        train_seconds = time.perf_counter() - started
-        if not torch.isfinite(sums).all():
-            raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({sums.tolist()}).")
+        (worker.run_dir / STOPPED_FILE).write_text(message + "\n")
+        raise FloatingPointError(message) from None
+    if not totals.steps:
+        raise ValueError(
+            f"epoch {epoch}: worker {worker.rank} got no full batch of {batch_size} samples; lower train.batch_size "
+            "or use fewer workers."
+        )
+    state.step += totals.steps
+    return totals
 
-        evaluated = time.perf_counter()
-        val_sums = torch.zeros(SUMS_LENGTH, dtype=torch.float64, device=device)
-        model.eval()
-        student = _plain_student(model)
-        with torch.inference_mode():
-            # every worker sees the whole (small, materialised) validation set and scores the
-            # samples with index % world == rank, so that none is dropped or counted twice
-            for batch in val_shard.iter_torch_batches(batch_size=512, device=device):
-                mine = batch["index"] % world == rank
-                logits = student(normalize(batch["image"][mine], mean, std))
-                teacher_logits = torch.stack([batch[logits_column(n)][mine] for n in names])
-                val_sums += validation_sums(logits, batch["label"][mine], ensemble_probabilities(teacher_logits))
-        metrics: dict[str, Any] = validation_metrics(_all_reduce_sum(val_sums))
-        samples = float(sums[0])
-        metrics |= {
-            "train/loss": float(sums[1]) / samples,
-            "train/ce": float(sums[2]) / samples,
-            "train/kd": float(sums[3]) / samples,
-        }
-        if hinted:
-            metrics["train/hint"] = float(hint_sum) / samples
-        metrics |= {f"weights/{name}": float(alpha[:, m].mean()) for m, name in enumerate(names)}
-        metrics |= {
-            "train/samples": samples,  # what the workers trained on (full batches only)
-            "train/distinct_samples": float((tally > 0).sum()),  # = train/samples when none came twice
-            "train/repeated_samples": float((tally > 1).sum()),  # samples that came twice or more this epoch
-            "lr": lr,
-            "train/samples_per_second": samples / train_seconds,
-            "epoch_seconds": time.perf_counter() - started,
-        }
 
-        with alpha_path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            first = step - len(alpha)
-            for i, row in enumerate(alpha.tolist()):
-                writer.writerow([first + i, epoch, *(f"{w:.8g}" for w in row)])
-        report_checkpoint = None
-        reported = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-                state = {
-                    "student": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "cosine_sum": cosine_sum,
-                    "cosine_steps": cosine_steps,
-                    "rng": torch.get_rng_state(),
-                }
-                if isinstance(inner, HintStudent):
-                    state["regressors"] = inner.regressors.state_dict()
-                if local_checkpoint is not None:  # local mode: Train keeps no checkpoint of its own
-                    _save_atomically(state, local_checkpoint)
-                else:
-                    torch.save(state, Path(folder) / STATE_FILE)
-                    report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps({"epoch": epoch + 1, "step": step, **metrics}) + "\n")
-            session.report({"epoch": epoch + 1, **metrics}, checkpoint=report_checkpoint)
-        logging = time.perf_counter()
-        if rank == 0 and epoch + 1 not in logged:  # after the checkpoint is committed; the next epoch does not wait
-            logger.log_metrics_later(metrics, step=epoch + 1)
-        if rank == 0:
-            done = time.perf_counter()
-            _record_time(
-                run_dir, "epoch", epoch=epoch + 1, steps=train_seconds, first_step=first_step or 0.0,
-                eval=reported - evaluated, report=logging - reported, mlflow=done - logging,
-            )  # fmt: skip
+def _step_hooks(worker: _Worker, epoch: int, first: int) -> tuple[Callable[[int], None], Callable[[int], None]]:
+    """Before each step: the fault drill that kills a worker (``faults.kill_worker_*``); after it:
+    rank 0 tells the view clock how far the epoch is, every 0.5 s (the driver's progress bar)."""
+    faults, fault_dir, rank = worker.config.faults, worker.run_dir / "faults", worker.rank
+    next_tick = 0.0
 
-    logger.flush()
-    if rank == 0 and not (run_dir / DONE_FILE).exists():
-        finishing = time.perf_counter()
-        _finish(config, info, model, run_dir, cosine_sum / max(1, cosine_steps), logger, val_shard)
-        _record_time(run_dir, "finish", seconds=time.perf_counter() - finishing)
+    def before_step(step: int) -> None:
+        doomed = rank == faults.kill_worker_rank and step == faults.kill_worker_step
+        if doomed and fire_once(fault_dir, "kill_worker"):
+            die(f"killing Train worker rank {rank} (pid {os.getpid()}) before step {step}, in epoch {epoch + 1}")
+
+    def after_step(step: int) -> None:
+        nonlocal next_tick
+        if rank == 0 and time.perf_counter() >= next_tick:
+            worker.clock.advance.remote(epoch, step - first)
+            next_tick = time.perf_counter() + 0.5
+
+    return before_step, after_step
+
+
+def _student_batches(
+    batches: Iterable[dict[str, torch.Tensor]],
+    names: list[str],
+    hinted: bool = False,
+    view: int | None = None,
+    epoch: int = 0,
+) -> Iterator[StudentBatch]:
+    """Ray Data batches (columns ``image``, ``label``, ``index``, ``logits/<teacher>``, with hints
+    ``feature/<teacher>``) as ``StudentBatch``es. With ``view``, the first batch's rows must all
+    be of that view (checked once an epoch: a sync)."""
+    for i, batch in enumerate(batches):
+        if view is not None and i == 0 and bool((batch["view"] != view).any()):
+            raise RuntimeError(f"epoch {epoch + 1} read rows of another view than {view}; a bug.")
+        yield StudentBatch(
+            images=batch["image"],
+            labels=batch["label"],
+            index=batch["index"],
+            teacher_logits=torch.stack([batch[logits_column(n)] for n in names]),
+            teacher_features=[batch[feature_column(n)] for n in names] if hinted else None,
+        )
+
+
+def _append_alpha(path: Path, alpha: torch.Tensor, step: int, epoch: int) -> None:
+    """Append the epoch's per-step teacher weights ``alpha [S, M]`` (its last step: ``step - 1``)."""
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        first = step - len(alpha)
+        for i, row in enumerate(alpha.tolist()):
+            writer.writerow([first + i, epoch, *(f"{w:.8g}" for w in row)])
+
+
+def _report(worker: _Worker, state: _TrainState, metrics: dict[str, Any]) -> None:
+    """Rank 0 saves the training state (Train's checkpoint, or in local mode the loop's own) and
+    appends the epoch to ``metrics.jsonl``; every worker reports the metrics to Train."""
+    report_checkpoint = None
+    with tempfile.TemporaryDirectory() as folder:
+        if worker.rank == 0:
+            if worker.local_checkpoint is not None:  # local mode: Train keeps no checkpoint of its own
+                _save_atomically(state.state_dict(), worker.local_checkpoint)
+            else:
+                torch.save(state.state_dict(), Path(folder) / STATE_FILE)
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            with worker.metrics_path.open("a") as f:
+                f.write(json.dumps({"epoch": state.epoch, "step": state.step, **metrics}) + "\n")
+        worker.session.report({"epoch": state.epoch, **metrics}, checkpoint=report_checkpoint)
 
 
 #: Under ``<storage_path>/<name>/``: the checkpoint of a run in Train's local mode, which keeps none itself.
