@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+# end to end on Ray: `pytest -m "not slow"` leaves it out (CONTRIBUTING.md)
 pytestmark = pytest.mark.slow
 
 STUDY = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy.py"

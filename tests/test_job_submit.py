@@ -13,7 +13,7 @@ from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 from ray_head import ray_head
 
-# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+# end to end on Ray: `pytest -m "not slow"` leaves it out (CONTRIBUTING.md)
 pytestmark = pytest.mark.slow
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"

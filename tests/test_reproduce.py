@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ray_aekd.config import DistillConfig, load_config
 from ray_aekd.distributed.distill import distill
 
-# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+# end to end on Ray: `pytest -m "not slow"` leaves it out (CONTRIBUTING.md)
 pytestmark = pytest.mark.slow
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "distill_smoke.yaml"

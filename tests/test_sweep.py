@@ -16,7 +16,7 @@ from ray_aekd.distributed.sweep import run_sweep
 from ray_aekd.distributed.sweep_space import load_sweep
 from ray_aekd.models.checkpoint import load_checkpoint
 
-# end to end on Ray: `pytest -m "not slow"` leaves it out (docs/development.md)
+# end to end on Ray: `pytest -m "not slow"` leaves it out (CONTRIBUTING.md)
 pytestmark = pytest.mark.slow
 
 SWEEP_SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "sweep_smoke.yaml"
