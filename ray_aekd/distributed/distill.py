@@ -1,15 +1,18 @@
 """``ray-aekd distill``: distil trained teachers into a student on Ray.
 
-The driver checks everything it can before Ray schedules anything (config, data, teacher
-checkpoints against the data, the student on one image, the cluster's resources), then:
+``distill`` is a short sequence of named steps:
 
-1. runs the validation split once through the teacher stages (kept: it is small, and the
-   teachers' and the ensemble's accuracy come from it, once per run);
-2. opens (or, when the run is resumed, reopens) one MLflow run with the flattened config as
-   params and the teachers' accuracies;
-3. starts a ``TorchTrainer`` whose workers read the streaming training pipeline
-   (``ray_aekd.pipeline``) and run ``ray_aekd.train.train_loop``;
-4. closes the MLflow run and returns the final metrics.
+1. ``_prepare``: every check that needs no cluster (config, data, teacher checkpoints against
+   the data, the student on one image, the soft-label cache, a resumed run's settings); then
+   ``session.connect`` checks the cluster's resources;
+2. ``_write_run_folder``: ``config.json``, ``environment.json``, shared storage checked;
+3. ``_soft_labels``: the teacher stages (or the cache) over the validation split once (the
+   teachers' and the ensemble's accuracy come from it) and the training split, streamed or kept;
+4. ``_open_run``: opens (or, when the run is resumed, reopens) one MLflow run with the
+   flattened config as params and the teachers' accuracies;
+5. ``_fit``: a ``TorchTrainer`` whose workers read the training data
+   (``distributed.pipeline``) and run ``distributed.train.train_loop``;
+6. ``_close_run`` and ``_result``: ends the MLflow run, returns and saves the final metrics.
 
 Running the same config (same ``name`` and ``output_dir``) again resumes from the last
 checkpoint; a worker-group failure resumes too, up to ``workers.max_failures`` times.
@@ -206,8 +209,71 @@ def distill(
 def _distill(
     config: DistillConfig, log: Callable[[str], None], trial: TrialHooks | None, logs: Path | None
 ) -> DistillResult:
+    """prepare -> connect -> write the run folder -> soft labels -> open tracking -> fit -> result."""
     start = time.perf_counter()
     limit_mlflow_retries()
+    run = _prepare(config)
+    timings = {"prepare": time.perf_counter() - start}
+    if trial is None:  # a sweep has checked its cluster already
+        connect(*_resources(run.config), hint=_RESOURCE_HINT, demands=_demands(run.config))
+    timings["ray_start"] = time.perf_counter() - start - timings["prepare"]
+    local = local_mode(run.config)
+    mark = time.perf_counter()
+    _write_run_folder(run, check_storage=trial is None)  # a sweep has checked its folders already
+    _announce(run, local, logs if trial is None else None, log)
+    labels = _soft_labels(run, log)
+    timings["teachers"] = time.perf_counter() - mark  # the validation split, and kept training views
+    mark = time.perf_counter()
+    dataset = training_dataset(run.config, run.source, run.train_idx, run.val_idx)
+    uri, run_id = _open_run(
+        run.config, run.run_dir, labels.teacher_acc, labels.ensemble_acc, log, run.resuming, trial, dataset
+    )
+    timings["mlflow_open"] = time.perf_counter() - mark
+    if run_id:
+        log(f"MLflow: {uri}, experiment {run.config.tracking.experiment!r}, run {run_id}")
+    loop_config = _loop_config(run, labels, uri, run_id, local)
+    trainer = _trainer(run, loop_config, labels, trial, local)
+    status, fit_started, mark = "FAILED", time.time(), time.perf_counter()
+    try:
+        _fit(run, trainer, loop_config, labels, trial, local, log)
+        status = "FINISHED"
+    finally:
+        timings["fit"] = time.perf_counter() - mark
+        forwards = ray.get(labels.clock.forwards.remote())
+        ray.kill(labels.clock)
+        if run_id:
+            _close_run(run, uri, run_id, status, forwards, log)
+    failed = run.run_dir / TRACKING_FAILED_FILE
+    if failed.exists():  # rank 0 lost MLflow during the run: say so where the user is looking
+        log("warning: " + failed.read_text().strip())
+    result = _result(run, run_id, labels, forwards, start, timings, fit_started)
+    log(format_result(result))
+    return result
+
+
+@dataclasses.dataclass
+class _Run:
+    """A distillation run as the driver prepared it, before Ray schedules anything."""
+
+    config: DistillConfig  # faults from the environment applied, paths resolved
+    run_dir: Path
+    source: Any
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    info: dict[str, Any]  # data and model facts the workers need (prepare.check_run)
+    stages: list[Any]  # one teacher stage spec per teacher
+    teacher_identities: list[str]  # what makes each teacher's logits (see _prepare)
+    cache: str | None  # the soft-label cache the run reads, if any
+    resuming: bool
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.config.teachers]
+
+
+def _prepare(config: DistillConfig) -> _Run:
+    """Every check that needs no cluster: config, data, teachers against the data, the student on
+    one image, the soft-label cache, and whether (and that) the run resumes the same run."""
     config = with_env_faults(config)
     run_dir = Path(config.output_dir).resolve() / config.name
     config = resolve_paths(config, run_dir)
@@ -227,27 +293,28 @@ def _distill(
     resuming = _has_checkpoint(config)
     if resuming:
         _check_resume(config, run_dir, weights)
-    workers = config.workers
-    timings = {"prepare": time.perf_counter() - start}
-    if trial is None:  # a sweep has checked its cluster already
-        connect(*_resources(config), hint=_RESOURCE_HINT, demands=_demands(config))
-    timings["ray_start"] = time.perf_counter() - start - timings["prepare"]
-    local = local_mode(config)
-    mark = time.perf_counter()
+    return _Run(config, run_dir, source, train_idx, val_idx, info, stages, weights, cache, resuming)
+
+
+def _write_run_folder(run: _Run, check_storage: bool) -> None:
+    """The run folder with ``config.json`` and ``environment.json`` (markers of an earlier run of
+    this name cleared); with ``check_storage``, the folders every node writes are checked to be
+    shared. Ray Data's console output is turned down (rank 0 prints one line per epoch)."""
+    config, run_dir = run.config, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:  # a fault fires once per run: markers of an earlier run of this name go
+    if not run.resuming:  # a fault fires once per run: markers of an earlier run of this name go
         shutil.rmtree(run_dir / "faults", ignore_errors=True)
         (run_dir / TRACKING_FAILED_FILE).unlink(missing_ok=True)  # a new run: its MLflow failures only
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # a stop of an earlier attempt was fixed, or this is new
     saved = json.loads(json.dumps(flatten(config))) | {
-        "__teachers__": [t.name for t in config.teachers],
-        "__teacher_weights__": weights,
+        "__teachers__": run.names,
+        "__teacher_weights__": run.teacher_identities,
     }
     (run_dir / "config.json").write_text(json.dumps(saved, indent=2))
     (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
     if config.storage_path is not None and "://" not in config.storage_path:
         Path(config.storage_path).mkdir(parents=True, exist_ok=True)
-    if trial is None:  # a sweep has checked its folders already
+    if check_storage:
         tracking_uri = resolve_tracking_uri(config.tracking.uri)
         open_store(tracking_uri)  # a SQLite store's file must exist to be checked
         check_shared(shared_paths(config, run_dir / "config.json", tracking_uri), tracking_uri)
@@ -257,61 +324,90 @@ def _distill(
     # blocks in a fixed order (slower: a slow block holds up the ones behind it) when runs must repeat exactly
     context.execution_options.preserve_order = config.data.deterministic
 
-    names = [t.name for t in config.teachers]
+
+def _announce(run: _Run, local: bool, logs: Path | None, log: Callable[[str], None]) -> None:
+    """What the run is about to do, on the console; ``logs``: where Ray's and MLflow's logs go,
+    said when it is the run folder's own file (not when a command around the run said where)."""
+    config, names = run.config, run.names
     log(
         f"{config.name}: distilling {len(names)} teachers ({', '.join(names)}) into {config.student.model} with "
         f"{config.distill.strategy} "
-        + ("in this process (Ray Train's local mode)" if local else f"on {workers.num_workers} Train worker(s)")
-        + f"; {len(train_idx)} train / "
-        f"{len(val_idx)} validation {config.data.dataset} images"
-        + (f"; soft labels from the cache at {cache}" if cache else "")
+        + ("in this process (Ray Train's local mode)" if local else f"on {config.workers.num_workers} Train worker(s)")
+        + f"; {len(run.train_idx)} train / "
+        f"{len(run.val_idx)} validation {config.data.dataset} images"
+        + (f"; soft labels from the cache at {run.cache}" if run.cache else "")
     )
-    if logs == run_dir / LOG_FILE and trial is None:  # not when a command around it (quickstart) said where
+    if logs == run.run_dir / LOG_FILE:
         log(f"Ray's and MLflow's logs: {logs} (--verbose shows them here)")
-    if resuming:
+    if run.resuming:
         log(f"resuming {config.name} from its last checkpoint under {train_storage(config)}")
-    faults = config.faults
-    if faults.active:
-        log(f"fault injection on: {_describe_faults(faults)}")
+    if config.faults.active:
+        log(f"fault injection on: {_describe_faults(config.faults)}")
+
+
+@dataclasses.dataclass
+class _Labels:
+    """The run's data with its teachers' logits, and what the teachers scored on it."""
+
+    clock: Any  # the ViewClock actor: the epoch for the views, and the teachers' forward-pass counts
+    val: Any  # the validation split (materialised)
+    train_sets: dict[str, Any]  # {"train": stream} or {"train_view<v>": view v}
+    teacher_acc: dict[str, float]
+    ensemble_acc: float
+
+    def datasets(self) -> dict[str, Any]:
+        return self.train_sets | {"val": self.val}
+
+
+def _soft_labels(run: _Run, log: Callable[[str], None]) -> _Labels:
+    """Start the teachers' stages (or the cache reads): the validation split once, the training
+    split as a stream or as kept views (``SoftLabelData``); log the teachers' accuracy."""
+    config, faults = run.config, run.config.faults
     fault = None
     if faults.kill_teacher is not None:
-        fault = TeacherFault(faults.kill_teacher, faults.kill_teacher_batch, str(run_dir / "faults"))
+        fault = TeacherFault(faults.kill_teacher, faults.kill_teacher_batch, str(run.run_dir / "faults"))
     clock = ViewClock.remote()  # the epoch for the views, and the teachers' forward-pass counts
     # a seeded permutation: splits (and image folders) are sorted, often by class, and the
     # workers' local shuffle buffer only mixes a few batches
+    train_idx = run.train_idx
     order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config.seed))]
-    data = SoftLabelData(config, source, stages, cache, clock, fault)
-    val, train_sets = data.make(val_idx, order, info, log)
-    teacher_acc, ensemble_acc = teacher_accuracy(val, names)
+    data = SoftLabelData(config, run.source, run.stages, run.cache, clock, fault)
+    val, train_sets = data.make(run.val_idx, order, run.info, log)
+    teacher_acc, ensemble_acc = teacher_accuracy(val, run.names)
     log(
         "teachers val/acc1: "
         + "  ".join(f"{n} {a:.4f}" for n, a in teacher_acc.items())
         + f"   ensemble {ensemble_acc:.4f}"
     )
-    timings["teachers"] = time.perf_counter() - mark  # the validation split, and kept training views
-    mark = time.perf_counter()
-    dataset = training_dataset(config, source, train_idx, val_idx)
-    uri, run_id = _open_run(config, run_dir, teacher_acc, ensemble_acc, log, resuming, trial, dataset)
-    timings["mlflow_open"] = time.perf_counter() - mark
-    if run_id:
-        log(f"MLflow: {uri}, experiment {config.tracking.experiment!r}, run {run_id}")
+    return _Labels(clock, val, train_sets, teacher_acc, ensemble_acc)
+
+
+def _loop_config(run: _Run, labels: _Labels, uri: str, run_id: str | None, local: bool) -> dict[str, Any]:
+    """What every worker's ``train_loop`` gets (see its docstring)."""
+    storage = train_storage(run.config)
+    return {
+        "config": dataclasses.asdict(run.config),
+        "info": run.info,
+        "run_dir": str(run.run_dir),
+        "clock": labels.clock,
+        "tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "source_size": len(run.source),
+        "train_views": 0 if "train" in labels.train_sets else len(labels.train_sets),
+        "local_mode": local,
+        "train_dir": None if "://" in storage else str(Path(storage) / run.config.name),
+    }
+
+
+def _trainer(
+    run: _Run, loop_config: dict[str, Any], labels: _Labels, trial: TrialHooks | None, local: bool
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of the run: its workers, their resources, restarts and checkpoints."""
+    config, workers = run.config, run.config.workers
     resources: dict[str, float] = {"CPU": workers.cpus} | workers.custom_resources
     if workers.use_gpu:
         resources["GPU"] = 1.0
-    storage = train_storage(config)
-    loop_config = {
-        "config": dataclasses.asdict(config),
-        "info": info,
-        "run_dir": str(run_dir),
-        "clock": clock,
-        "tracking_uri": uri,
-        "mlflow_run_id": run_id,
-        "source_size": len(source),
-        "train_views": 0 if "train" in train_sets else len(train_sets),
-        "local_mode": local,
-        "train_dir": None if "://" in storage else str(Path(storage) / config.name),
-    }
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -322,75 +418,99 @@ def _distill(
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
-            storage_path=storage,
+            storage_path=train_storage(config),
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Train's per-report INFO lines repeat every metric; the epoch line from rank 0 says it once
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=list(trial.callbacks) if trial and not local else None,  # local mode runs none
         ),
-        datasets=train_sets | {"val": val},
+        datasets=labels.datasets(),
         # the training stream is split evenly across workers; every worker reads all of the
         # validation set and scores its own share of it (see train_loop), so no sample is dropped
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(train_sets)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(labels.train_sets)),
     )
-    status = "FAILED"
-    fit_started = time.time()
-    mark = time.perf_counter()
-    stopped = run_dir / STOPPED_FILE  # a worker stopped on NaN/Inf: why, in one line (see train.STOPPED_FILE)
-    steps = len(train_idx) // config.train.batch_size
-    printer = EpochPrinter(config, run_dir / "metrics.jsonl", clock, steps, log) if trial is None else None
+
+
+def _fit(
+    run: _Run,
+    trainer: TorchTrainer,
+    loop_config: dict[str, Any],
+    labels: _Labels,
+    trial: TrialHooks | None,
+    local: bool,
+    log: Callable[[str], None],
+) -> None:
+    """Train the student: Ray Train's worker group, or, in local mode inside a Tune trial (where
+    Ray refuses ``ray.train.*``), the loop in this process. Outside a sweep the driver prints the
+    epoch lines. A worker that stopped on NaN/Inf is raised as ``FloatingPointError`` with its
+    reason (see ``train.STOPPED_FILE``), not as a worker's traceback."""
+    stopped = run.run_dir / STOPPED_FILE
+    steps = len(run.train_idx) // run.config.train.batch_size
+    printer = (
+        EpochPrinter(run.config, run.run_dir / "metrics.jsonl", labels.clock, steps, log) if trial is None else None
+    )
     try:
         if printer is not None:  # a sweep prints one line per trial and epoch itself
             printer.start()
         if local and trial is not None:  # in a Tune trial Ray refuses ray.train.*: the loop runs here directly
-            train_loop(loop_config | {"session": TrialSession(train_sets | {"val": val})})
+            train_loop(loop_config | {"session": TrialSession(labels.datasets())})
         else:
             trainer.fit()  # returns when the group restarted after a stop: its workers return at once
         if stopped.exists():
             raise FloatingPointError(stopped.read_text().strip())
-        status = "FINISHED"
     except ray.train.WorkerGroupError as error:
         if not stopped.exists():
             raise
         raise FloatingPointError(stopped.read_text().strip()) from error  # not a worker's traceback
     finally:
-        timings["fit"] = time.perf_counter() - mark
         if printer is not None:
             printer.stop()
-        forwards = ray.get(clock.forwards.remote())
-        ray.kill(clock)
-        if run_id:
-            try:
-                where = UNREACHABLE_TRACKING_URI if faults.mlflow_down_epoch else uri
-                log_metrics(where, run_id, {"teacher_forward_passes": float(sum(forwards.values()))})
-                finish_run(where, run_id, status)
-            except Exception as error:
-                log(
-                    f"warning: could not mark MLflow run {run_id} {status} ({error}); "
-                    f"`ray-aekd upload {run_dir}` completes it when the server is back."
-                )
-    failed = run_dir / TRACKING_FAILED_FILE
-    if failed.exists():  # rank 0 lost MLflow during the run: say so where the user is looking
-        log("warning: " + failed.read_text().strip())
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    metrics = json.loads(lines[-1])
+
+
+def _close_run(
+    run: _Run, uri: str, run_id: str, status: str, forwards: dict[str, int], log: Callable[[str], None]
+) -> None:
+    """Log the teachers' forward passes and end the MLflow run with ``status``; a tracking server
+    that does not answer only warns (``ray-aekd upload`` completes the run later)."""
+    try:
+        where = UNREACHABLE_TRACKING_URI if run.config.faults.mlflow_down_epoch else uri
+        log_metrics(where, run_id, {"teacher_forward_passes": float(sum(forwards.values()))})
+        finish_run(where, run_id, status)
+    except Exception as error:
+        log(
+            f"warning: could not mark MLflow run {run_id} {status} ({error}); "
+            f"`ray-aekd upload {run.run_dir}` completes it when the server is back."
+        )
+
+
+def _result(
+    run: _Run,
+    run_id: str | None,
+    labels: _Labels,
+    forwards: dict[str, int],
+    start: float,
+    driver_timings: dict[str, float],
+    fit_started: float,
+) -> DistillResult:
+    """The run's result (the last epoch's metrics, where the time went: ``fit_timings``), also
+    written to ``result.json``."""
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
     result = DistillResult(
-        name=config.name,
-        strategy=config.distill.strategy,
-        run_dir=str(run_dir),
+        name=run.config.name,
+        strategy=run.config.distill.strategy,
+        run_dir=str(run.run_dir),
         mlflow_run_id=run_id,
-        metrics=metrics,
-        teachers=teacher_acc,
-        ensemble_acc1=ensemble_acc,
-        student_checkpoint=str(run_dir / "student"),
+        metrics=json.loads(lines[-1]),
+        teachers=labels.teacher_acc,
+        ensemble_acc1=labels.ensemble_acc,
+        student_checkpoint=str(run.run_dir / "student"),
         seconds=time.perf_counter() - start,
         teacher_forward_passes=forwards,
-        soft_label_cache=cache,
-        timings=fit_timings(timings, run_dir / TIMINGS_FILE, fit_started, time.perf_counter() - start),
+        soft_label_cache=run.cache,
+        timings=fit_timings(driver_timings, run.run_dir / TIMINGS_FILE, fit_started, time.perf_counter() - start),
     )
-    (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
-    log(format_result(result))
+    (run.run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
 
 
