@@ -1,85 +1,155 @@
-"""``ray-aekd``: the command line. Only this module knows argparse."""
+"""``ray-aekd``: the command line. Only this package knows argparse.
+
+One ``_add_<command>`` function defines each command's flags (the shared ones come from
+``ray_aekd.cli._options``) and one ``_<command>`` function runs it. Nothing heavy is imported
+before a command runs: ``--help``, ``--check`` and ``--print-config`` import neither torch, Ray
+nor MLflow.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from typing import Any
 
 from ray_aekd import __version__
 from ray_aekd._console import set_verbose
+from ray_aekd.cli._options import (
+    add_config_flags,
+    add_json_flag,
+    add_output_dir_flag,
+    add_tracking_flags,
+    add_verbose_flag,
+    check_outputs,
+    config_command,
+    json_stdout,
+    overrides,
+    tracking_uri_for_this_command,
+    write_json,
+)
+
+__all__ = ["build_parser", "main"]
+
+#: What the shorthand flags set in a teachers or distillation config ...
+_CONFIG_KEYS = {"tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "output_dir": "output_dir"}
+#: ... and in a sweep config (tracking is the base distillation config's).
+_SWEEP_KEYS = {
+    "tracking_uri": "overrides.tracking.uri",
+    "experiment": "overrides.tracking.experiment",
+    "output_dir": "output_dir",
+}
+
+
+# --- running the commands -------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
     from ray_aekd.cli.demo import run_demo
 
-    result = run_demo(
-        num_teachers=args.teachers,
-        epochs=args.epochs,
-        tolerance=args.tolerance,
-        temperature=args.temperature,
-        seed=args.seed,
-        strategies=args.strategies,
-        label_noise=args.label_noise,
-        space=args.space,
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(result), f, indent=2)
+    with json_stdout(args):
+        result = run_demo(
+            num_teachers=args.teachers, epochs=args.epochs, tolerance=args.tolerance, temperature=args.temperature,
+            seed=args.seed, strategies=args.strategies, label_noise=args.label_noise, space=args.space,
+        )  # fmt: skip
+    write_json(args, result)
+    if args.json not in (None, "-"):
         print(f"results written to {args.json}")
     return 0
 
 
 def _teachers(args: argparse.Namespace) -> int:
     from ray_aekd.config import TeachersConfig, load_config
+
+    def checks(config: TeachersConfig) -> None:
+        check_outputs(args, [("output_dir", config.output_dir)], config.tracking.uri)
+
+    load = lambda: load_config(TeachersConfig, args.config, overrides(args, _CONFIG_KEYS))  # noqa: E731
+    config = config_command(args, load, checks)
+    if config is None:
+        return 0
     from ray_aekd.distributed.teachers import train_teachers
 
-    config = load_config(TeachersConfig, args.config, args.set)
-    train_teachers(config)
+    with json_stdout(args):
+        result = train_teachers(config)
+    write_json(args, result)
     return 0
+
+
+def _distill_outputs(args: argparse.Namespace, config: Any) -> None:
+    check_outputs(args, [("output_dir", config.output_dir), ("storage_path", config.storage_path)], config.tracking.uri)
 
 
 def _distill(args: argparse.Namespace) -> int:
     from ray_aekd.config import DistillConfig, load_config
+
+    load = lambda: load_config(DistillConfig, args.config, overrides(args, _CONFIG_KEYS))  # noqa: E731
+    config = config_command(args, load, lambda c: _distill_outputs(args, c))
+    if config is None:
+        return 0
     from ray_aekd.distributed.distill import distill
 
-    config = load_config(DistillConfig, args.config, args.set)
-    result = distill(config)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(result), f, indent=2)
-    return 0
-
-
-def _upload(args: argparse.Namespace) -> int:
-    from ray_aekd.tracking.upload import upload
-
-    upload(args.run_dir, tracking_uri=args.tracking_uri)
+    with json_stdout(args):
+        result = distill(config)
+    write_json(args, result)
     return 0
 
 
 def _relabel(args: argparse.Namespace) -> int:
     from ray_aekd.config import DistillConfig, load_config
+
+    def checks(config: DistillConfig) -> None:
+        check_outputs(args, [("cache.path", config.cache.path)], None, tracks=False)
+
+    config = config_command(args, lambda: load_config(DistillConfig, args.config, args.set), checks)
+    if config is None:
+        return 0
     from ray_aekd.distributed.soft_labels import relabel
 
-    config = load_config(DistillConfig, args.config, args.set)
-    relabel(config, overwrite=args.overwrite)
+    with json_stdout(args):
+        manifest = relabel(config, overwrite=args.overwrite)
+    write_json(args, manifest)
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from ray_aekd.distributed.sweep import sweep_from_file
+def _sweep_yaml(loaded: tuple[Any, dict[str, Any]]) -> str:
+    """``--print-config`` of a sweep: the sweep config, then its base with the overrides."""
+    from ray_aekd.config import DistillConfig, apply_preset, dump_yaml, from_dict
 
-    result = sweep_from_file(args.config, args.set)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(result), f, indent=2)
+    sweep, base = loaded
+    resolved = from_dict(DistillConfig, apply_preset(base))
+    return f"{dump_yaml(sweep)}---\n# base ({sweep.base}) with the overrides, as every trial starts from it\n" + (
+        dump_yaml(resolved)
+    )
+
+
+def _sweep_outputs(args: argparse.Namespace, loaded: tuple[Any, dict[str, Any]]) -> None:
+    from ray_aekd.config import DistillConfig, apply_preset, from_dict
+
+    sweep, base = loaded
+    config = from_dict(DistillConfig, apply_preset(base))
+    outputs = [("output_dir", sweep.output_dir), ("storage_path", sweep.storage_path)]
+    outputs += [("overrides.storage_path", config.storage_path), ("overrides.cache.path", config.cache.path)]
+    check_outputs(args, outputs, config.tracking.uri)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from ray_aekd.config import load_sweep
+
+    load = lambda: load_sweep(args.config, overrides(args, _SWEEP_KEYS))  # noqa: E731
+    loaded = config_command(args, load, lambda c: _sweep_outputs(args, c), describe=_sweep_yaml)
+    if loaded is None:
+        return 0
+    from ray_aekd.distributed.sweep import run_sweep
+
+    with json_stdout(args):
+        result = run_sweep(*loaded)
+    write_json(args, result)
     return 0 if result.best is not None else 1
 
 
 def _compare(args: argparse.Namespace) -> int:
+    check_outputs(args, [("--output-dir", args.output_dir)], None, tracks=False)
     from mlflow.exceptions import MlflowException
 
     from ray_aekd.tracking.compare import compare, format_table
@@ -90,21 +160,29 @@ def _compare(args: argparse.Namespace) -> int:
     except MlflowException as error:  # an unreachable or failing store: one line, as for bad input
         uri = resolve_tracking_uri(args.tracking_uri)
         raise ValueError(f"--tracking-uri: MLflow at {uri} failed ({str(error).splitlines()[0]}).") from None
-    print(format_table(rows, args.tracking_uri, args.experiment, args.sweep))
-    print(f"plot: {plot}; table: {plot.with_name('compare.csv')}")
+    table = plot.with_name("compare.csv")
+    write_json(args, {"runs": rows, "plot": str(plot), "table": str(table)})
+    if args.json != "-":
+        print(format_table(rows, args.tracking_uri, args.experiment, args.sweep))
+        print(f"plot: {plot}; table: {table}")
     if args.promote is not None:
-        from ray_aekd.tracking.compare import promote
-
-        name, version, best = promote(rows, args.tracking_uri, args.promote)
-        print(
-            f"promoted: registered model {name!r} version {version} (run {best.name!r}, {best.run_id}, val/acc1 "
-            f"{best.acc1:.4f}) is now models:/{name}@{args.promote}; serve it with "
-            f"`mlflow models serve -m models:/{name}@{args.promote} --env-manager local`"
-        )
+        _promote(args, rows)
     return 0
 
 
-def _preprocess_args(args: argparse.Namespace):
+def _promote(args: argparse.Namespace, rows: list[Any]) -> None:
+    from ray_aekd.tracking.compare import promote
+
+    name, version, best = promote(rows, args.tracking_uri, args.promote)
+    print(
+        f"promoted: registered model {name!r} version {version} (run {best.name!r}, {best.run_id}, val/acc1 "
+        f"{best.acc1:.4f}) is now models:/{name}@{args.promote}; serve it with "
+        f"`mlflow models serve -m models:/{name}@{args.promote} --env-manager local`",
+        file=sys.stderr if args.json == "-" else sys.stdout,
+    )
+
+
+def _preprocess_args(args: argparse.Namespace) -> Any:
     """``--mean/--std/--size`` as a declared preprocessing, or None (the model's default)."""
     if args.mean is None and args.std is None and args.size is None:
         return None
@@ -128,23 +206,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from ray_aekd.tracking.evaluate import evaluate_model, format_evaluation, open_eval_data, parse_model
 
+    track = args.tracking_uri is not None or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    check_outputs(args, [("--predictions", args.predictions)], None, tracks=track)
     source = parse_model(args.model, args.arch, _preprocess_args(args))
     data = open_eval_data(args.data, size=args.image_size)
-    track = args.tracking_uri is not None or bool(os.environ.get("MLFLOW_TRACKING_URI"))
     result = evaluate_model(
         source, data, batch_size=args.batch_size, tracking_uri=args.tracking_uri, experiment=args.experiment,
-        track=track, log=(lambda _line: None) if args.json else print,
+        track=track, log=(lambda _line: None) if args.json == "-" else print,
     )  # fmt: skip
     if args.predictions:
         _write_predictions(args.predictions, data, result.predictions)
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
+    write_json(args, result.to_json())
+    if args.json != "-":
         print(format_evaluation(result))
     return 0
 
 
-def _write_predictions(path: str, data, predictions: list[int]) -> None:
+def _write_predictions(path: str, data: Any, predictions: list[int]) -> None:
     import csv
 
     names = data.source.class_names
@@ -170,62 +248,66 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quickstart(args: argparse.Namespace) -> int:
-    from ray_aekd.cli.quickstart import run_quickstart
+def _upload(args: argparse.Namespace) -> int:
+    from ray_aekd.tracking.upload import upload
 
-    run_quickstart(
-        output_dir=args.output_dir,
-        teacher_epochs=args.teacher_epochs,
-        student_epochs=args.student_epochs,
-        workers=args.workers,
-        seed=args.seed,
-    )
+    upload(args.run_dir, tracking_uri=args.tracking_uri)
     return 0
 
 
-def _add_config_args(parser: argparse.ArgumentParser, example: str) -> None:
-    parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
-    )
+def _quickstart(args: argparse.Namespace) -> int:
+    check_outputs(args, [("--output-dir", args.output_dir)], None)
+    from ray_aekd.cli.quickstart import run_quickstart
+
+    with json_stdout(args):
+        result = run_quickstart(
+            output_dir=args.output_dir, teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
+            workers=args.workers, seed=args.seed,
+        )  # fmt: skip
+    write_json(args, result)
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ray-aekd", description="Adaptive ensemble knowledge distillation (AE-KD) on Ray."
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# --- the parser: one function per command ---------------------------------------------------------
 
+
+def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="distil disagreeing teachers on the bundled digits data with each weighting strategy (CPU, ~20 s)",
         description="Train M teachers on scikit-learn's digits, each with noisy labels on its own classes, "
-        "then distil a small student with average, AE-KD and MGDA weighting and compare them.",
+        "then distil a small student with average, AE-KD and MGDA weighting and compare them. No Ray, no MLflow.",
     )
     demo.add_argument("--teachers", type=int, default=3, help="number of teachers M (default 3)")
     demo.add_argument("--epochs", type=int, default=30, help="student epochs per strategy (default 30)")
     demo.add_argument("--tolerance", type=float, default=0.6, help="AE-KD tolerance C in [1/M, 1] (default 0.6)")
     demo.add_argument("--temperature", type=float, default=4.0, help="KD temperature T > 0 (default 4)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--label-noise", type=float, default=0.7, help="label noise on each teacher's classes")
     demo.add_argument("--space", choices=("batch_mean", "per_sample"), default="batch_mean")
     demo.add_argument(
         "--strategies", nargs="+", default=["average", "aekd", "mgda"], choices=("average", "aekd", "mgda")
     )
-    demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_json_flag(demo, "the results")
     demo.set_defaults(run=_demo)
 
+
+def _add_teachers(commands: Any) -> None:
     teachers = commands.add_parser(
         "teachers",
         help="train the teacher ensemble of a config concurrently on Ray (one Tune trial per teacher)",
-        description="Train the M teachers listed in a config, each as one Ray Tune trial with its own resources; "
-        "save safe checkpoints, log one MLflow run per teacher, and print the ensemble's accuracy and disagreement. "
-        "Uses the Ray cluster in RAY_ADDRESS, else a local Ray.",
+        description="Train the M teachers listed in a config, each as one Ray Tune trial with its own resources "
+        "(trials.cpus, trials.gpus); save safe checkpoints, log one MLflow run per teacher, and print the "
+        "ensemble's accuracy and disagreement. Uses the Ray cluster in RAY_ADDRESS, else a local Ray.",
     )
-    _add_config_args(teachers, "tune_configs/teachers_digits.yaml")
+    add_config_flags(teachers, "tune_configs/teachers_digits.yaml")
+    add_output_dir_flag(teachers, "where the teachers' checkpoints go")
+    add_tracking_flags(teachers)
+    add_json_flag(teachers, "the result (each teacher's metrics, the ensemble's)")
     teachers.set_defaults(run=_teachers)
 
+
+def _add_distill(commands: Any) -> None:
     distill = commands.add_parser(
         "distill",
         help="distil trained teachers into a student on Ray (teacher stages on Ray Data + a Ray Train worker group)",
@@ -234,10 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
         "to MLflow every epoch. Running the same config again resumes it. Uses the Ray cluster in RAY_ADDRESS "
         "(as `ray job submit` sets it), else a local Ray.",
     )
-    _add_config_args(distill, "tune_configs/distill_digits.yaml")
-    distill.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    add_config_flags(distill, "tune_configs/distill_digits.yaml")
+    add_output_dir_flag(distill, "where the run folder (<output_dir>/<name>) goes")
+    add_tracking_flags(distill)
+    add_json_flag(distill, "the result (metrics, student checkpoint, MLflow run id)")
     distill.set_defaults(run=_distill)
 
+
+def _add_relabel(commands: Any) -> None:
     relabel = commands.add_parser(
         "relabel",
         help="run the teachers once over data.views views and write their logits to cache.path (Parquet)",
@@ -247,57 +333,66 @@ def build_parser() -> argparse.ArgumentParser:
         "or sweep with cache.path set then reads them and runs no teacher. A cache already there for the same "
         "teachers and data is kept.",
     )
-    _add_config_args(relabel, "tune_configs/distill_digits.yaml --set cache.path=runs/cache --set data.views=4")
+    add_config_flags(relabel, "tune_configs/distill_digits.yaml --set cache.path=runs/cache --set data.views=4")
     relabel.add_argument("--overwrite", action="store_true", help="replace a cache made for other settings")
+    add_json_flag(relabel, "the cache's manifest")
     relabel.set_defaults(run=_relabel)
 
+
+def _add_sweep(commands: Any) -> None:
     sweep = commands.add_parser(
         "sweep",
         help="search C, T (any config key) with Ray Tune: one distillation per trial, MLflow parent + child runs",
         description="Run a Ray Tune search over a distillation config's keys (grid, random or Optuna; optional "
         "ASHA), one distillation run per trial, logged to MLflow as child runs of one parent run, optionally "
-        "reading a soft-label cache made once for all trials. Prints the best configuration and its student.",
+        "reading a soft-label cache made once for all trials. Prints the best configuration and its student. "
+        "--tracking-uri and --experiment set the base config's tracking (overrides.tracking.*).",
     )
-    _add_config_args(sweep, "tune_configs/sweep_digits.yaml")
-    sweep.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    add_config_flags(sweep, "tune_configs/sweep_digits.yaml")
+    add_output_dir_flag(sweep, "where the sweep's folder (<output_dir>/<name>) goes")
+    add_tracking_flags(sweep)
+    add_json_flag(sweep, "the result (every trial, the best)")
     sweep.set_defaults(run=_sweep)
 
+
+def _add_compare(commands: Any) -> None:
     compare = commands.add_parser(
         "compare",
         help="rank distillation runs (an experiment, or one sweep's trials) from MLflow, with a plot",
         description="Read the distillation runs of an MLflow experiment (or the child runs of one sweep) and print "
         "them ranked by final val/acc1 with strategy, C, T, val/agreement and best epoch; write compare.csv and "
-        "compare.png. Works with the local SQLite store and with a tracking server (MLFLOW_TRACKING_URI).",
+        "compare.png. Works with the local SQLite store and with a tracking server. A store that does not exist "
+        "is refused (compare reads runs; it never makes a store).",
     )
-    compare.add_argument("--experiment", help="MLflow experiment name (default ray-aekd)")
+    add_tracking_flags(compare, experiment="ray-aekd")
     compare.add_argument("--sweep", metavar="RUN_ID", help="the parent run id of a sweep: compare its trials")
+    add_output_dir_flag(compare, "where compare.csv and compare.png go", default=".")
+    add_json_flag(compare, "the ranked runs")
     compare.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
-    )
-    compare.add_argument("--output-dir", default=".", help="where compare.csv and compare.png go (default .)")
-    compare.add_argument(
-        "--promote",
-        nargs="?",
-        const="champion",
-        metavar="ALIAS",
+        "--promote", nargs="?", const="champion", metavar="ALIAS",
         help="set this registry alias (default champion) on the best finished run's registered model version",
-    )
+    )  # fmt: skip
     compare.set_defaults(run=_compare)
 
-    model_help = (
-        "the model: a checkpoint folder, weights (.pt/.pth/.safetensors) with --arch, an exported program (.pt2), "
-        "a TorchScript file (torchscript:FILE), an MLflow model (models:/NAME@ALIAS, models:/MODEL_ID, "
-        "runs:/RUN_ID/PATH, or a local folder)"
-    )
 
-    def model_args(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", required=True, help=model_help)
-        parser.add_argument("--arch", help="with a weights file: its architecture (registry name, torchvision:, timm:)")
-        parser.add_argument("--mean", help="the model's input mean, per channel (e.g. 0.485,0.456,0.406)")
-        parser.add_argument("--std", help="the model's input std, per channel")
-        parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE for the model")
-        parser.add_argument("--image-size", type=int, help="imagefolder data: resize images to this size when read")
+_MODEL_HELP = (
+    "the model: a checkpoint folder, weights (.pt/.pth/.safetensors) with --arch, an exported program (.pt2), "
+    "a TorchScript file (torchscript:FILE), an MLflow model (models:/NAME@ALIAS, models:/MODEL_ID, "
+    "runs:/RUN_ID/PATH, or a local folder)"
+)
 
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model flags of ``evaluate`` and ``export``."""
+    parser.add_argument("--model", required=True, help=_MODEL_HELP)
+    parser.add_argument("--arch", help="with a weights file: its architecture (registry name, torchvision:, timm:)")
+    parser.add_argument("--mean", help="the model's input mean, per channel (e.g. 0.485,0.456,0.406)")
+    parser.add_argument("--std", help="the model's input std, per channel")
+    parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE for the model")
+    parser.add_argument("--image-size", type=int, help="imagefolder data: resize images to this size when read")
+
+
+def _add_evaluate(commands: Any) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="score any model (checkpoint, weights, .pt2, TorchScript, MLflow) on a held-out set",
@@ -305,19 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
         "URI (--tracking-uri or MLFLOW_TRACKING_URI) also log an evaluation run with a confusion matrix and a "
         "reliability diagram.",
     )
-    model_args(evaluate)
+    _add_model_flags(evaluate)
     evaluate.add_argument(
-        "--data",
-        required=True,
+        "--data", required=True,
         help="digits (its held-out split), cifar10:ROOT or cifar100:ROOT (test split), imagefolder:DIR, config:FILE",
-    )
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    )  # fmt: skip
+    add_json_flag(evaluate, "the scores")
     evaluate.add_argument("--predictions", metavar="CSV", help="also write each sample's label and prediction")
-    evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument("--tracking-uri", help="log an evaluation run to this MLflow store")
-    evaluate.add_argument("--experiment", default="ray-aekd-eval", help="MLflow experiment (default ray-aekd-eval)")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="inference batch size (default 256)")
+    add_tracking_flags(evaluate, experiment="ray-aekd-eval", default="ray-aekd-eval")
     evaluate.set_defaults(run=_evaluate)
 
+
+def _add_export(commands: Any) -> None:
     export = commands.add_parser(
         "export",
         help="write a model as a torch.export program that takes [0, 1] images (preprocessing inside)",
@@ -325,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dimension and its preprocessing inside: float32 [N, C, H, W] images in [0, 1] -> logits [N, K]. Class "
         "names and input shape travel inside the file.",
     )
-    model_args(export)
+    _add_model_flags(export)
     export.add_argument("--format", choices=("pt2",), default="pt2", help="output format (pt2: torch.export)")
     export.add_argument("--output", required=True, help="the .pt2 file to write")
     export.add_argument(
@@ -333,19 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
 
+
+def _add_upload(commands: Any) -> None:
     upload = commands.add_parser(
         "upload",
         help="log a distillation run folder to MLflow after the tracking server was unreachable",
         description="Log what a distillation kept in its run folder (metrics.jsonl, result.json, plots, alpha, the "
         "student) to MLflow: into the run it opened (mlflow_run_id), logging only the epochs that run lacks, or into "
-        "a new run. For runs that trained while the tracking server was down.",
+        "a new run. For runs that trained while the tracking server was down. Without --tracking-uri, the store the "
+        "run logged to.",
     )
     upload.add_argument("run_dir", help="the run folder (output_dir/<name>)")
     upload.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the run's tracking.uri)"
+        "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the store the run logged to)"
     )
     upload.set_defaults(run=_upload)
 
+
+def _add_quickstart(commands: Any) -> None:
     quickstart = commands.add_parser(
         "quickstart",
         help="train 3 teachers on the bundled digits, distil a student with average and AE-KD, compare (~3 min)",
@@ -353,21 +453,34 @@ def build_parser() -> argparse.ArgumentParser:
         "scikit-learn's digits (reused if already trained), a student distilled on Ray with average and with "
         "AE-KD weighting, both logged to MLflow, and a side-by-side table.",
     )
-    quickstart.add_argument("--output-dir", default="runs/quickstart", help="where teachers and students go")
-    quickstart.add_argument("--teacher-epochs", type=int, default=30)
-    quickstart.add_argument("--student-epochs", type=int, default=20)
+    add_output_dir_flag(quickstart, "where teachers and students go", default="runs/quickstart")
+    add_tracking_flags(quickstart, experiment=None)
+    quickstart.add_argument("--teacher-epochs", type=int, default=30, help="epochs of each teacher (default 30)")
+    quickstart.add_argument("--student-epochs", type=int, default=20, help="epochs of each student (default 20)")
     quickstart.add_argument(
         "--workers", type=int, default=1, help="Ray Train workers (default 1: in this process, Train's local mode)"
     )
-    quickstart.add_argument("--seed", type=int, default=0)
+    quickstart.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_json_flag(quickstart, "the result (teachers, ensemble, students)")
     quickstart.set_defaults(run=_quickstart)
+
+
+_COMMANDS = (
+    _add_demo, _add_teachers, _add_distill, _add_relabel, _add_sweep, _add_compare, _add_evaluate, _add_export,
+    _add_upload, _add_quickstart,
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ray-aekd", description="Adaptive ensemble knowledge distillation (AE-KD) on Ray."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(commands)
     for command in commands.choices.values():
-        command.add_argument(
-            "--verbose",
-            action="store_true",
-            help="show Ray's and MLflow's own logs and the Ray workers' output here (default: in the run "
-            "folder's ray_aekd.log)",
-        )
+        add_verbose_flag(command)
     return parser
 
 
@@ -377,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:  # before Ray starts: its processes read it from the environment
         set_verbose(True)
     try:
-        return args.run(args)
+        with tracking_uri_for_this_command(getattr(args, "tracking_uri", None)):
+            return args.run(args)
     except ValueError as error:  # bad input: one clear line, no traceback
         print(f"ray-aekd {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -160,8 +161,8 @@ def format_quickstart(result: QuickstartResult) -> str:
         weights = "  ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("weights/"))
         label = f"student, {strategy}"
         lines.append(f"{label:<24}{m['val/acc1']:>9.4f}{m['val/agreement']:>11.4f}{m['val/ece']:>9.4f}  {weights}")
+    store = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"  # where the runs went
     lines.append(
-        f"{result.seconds:.0f} s in all. MLflow experiment {EXPERIMENT!r}: "
-        "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+        f"{result.seconds:.0f} s in all. MLflow experiment {EXPERIMENT!r}: mlflow ui --backend-store-uri {store}"
     )
     return "\n".join(lines)

@@ -39,11 +39,11 @@ def check_model(key: str, name: str) -> None:
 class TrainConfig:
     """The optimiser (SGD with momentum) and its learning-rate schedule."""
 
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split
     batch_size: int = 64  # the global batch (split evenly across workers)
     lr: float = 0.05  # the learning rate at the start
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # L2 penalty of SGD
     schedule: str = "cosine"  # cosine | multistep | constant
     milestones: tuple[int, ...] = ()  # multistep: epochs at which lr *= 0.1
 
@@ -69,7 +69,9 @@ class TrainConfig:
 class TrackingConfig:
     """Where MLflow runs go."""
 
-    uri: str | None = None  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db
+    uri: str | None = (
+        None  # MLflow tracking URI; --tracking-uri and MLFLOW_TRACKING_URI win; default sqlite:///mlflow.db
+    )
     experiment: str = "ray-aekd"  # MLflow experiment name
 
     def validate(self, prefix: str) -> None:

@@ -93,12 +93,15 @@ class DistillDataConfig(DataConfig):
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """Where a run's soft labels come from. ``mode``: keep each training view, its images and
-    its teachers' logits, in Ray's object store (``memory``: teachers run once per view, not once
-    per epoch), or run the teachers every epoch (``stream``); ``auto`` keeps them when the views
-    repeat (``data.views`` set, or ``data.augment: false``), there are no hint features, and
-    they fit in half of the object store. ``path``: a soft-label cache on disk (``ray-aekd
-    relabel``): teacher logits for ``data.views`` views, read instead of running any teacher."""
+    """Where a run's soft labels come from: the teachers, every epoch or once per kept view, or a
+    cache on disk.
+
+    ``mode``: keep each training view, its images and its teachers' logits, in Ray's object
+    store (``memory``: teachers run once per view, not once per epoch), or run the teachers every
+    epoch (``stream``); ``auto`` keeps them when the views repeat (``data.views`` set, or
+    ``data.augment: false``), there are no hint features, and they fit in half of the object
+    store. ``path``: a soft-label cache on disk (``ray-aekd relabel``): teacher logits for
+    ``data.views`` views, read instead of running any teacher."""
 
     path: str | None = None  # local folder, s3://..., gs://...; set: read teacher logits from it, run no teacher
     dtype: str = "float32"  # float32 | float16 (half the size; logits rounded to ~3 significant digits)

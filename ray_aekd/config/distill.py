@@ -408,4 +408,3 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-

@@ -66,6 +66,8 @@ _CACHE_KEYS = ("teachers", "data", "seed", "cache")
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
+    """How the trials' values are chosen."""
+
     algorithm: str = "grid"  # grid | random | optuna
     seed: int = 0  # random and optuna sampling
 
@@ -76,6 +78,8 @@ class SearchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
+    """Whether weak trials are stopped early."""
+
     type: str = "none"  # none | asha (stops weak trials early on the sweep's metric)
     grace_period: int = 1  # asha: epochs every trial runs before it can be stopped
     reduction_factor: int = 2  # asha: keep 1/reduction_factor of the trials at each rung

@@ -29,11 +29,13 @@ from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ray_aekd._locations import tracking_store_path
 from ray_aekd.tracking.runs import limit_mlflow_retries, resolve_tracking_uri
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
     "RunRow",
+    "check_store_exists",
     "collect_runs",
     "compare",
     "format_table",
@@ -108,6 +110,7 @@ def collect_runs(
     """
     limit_mlflow_retries()
     uri = resolve_tracking_uri(tracking_uri)
+    check_store_exists(uri)
     client = MlflowClient(uri)
     if sweep is not None:
         runs = _sweep_children(client, uri, sweep, experiment)
@@ -121,6 +124,19 @@ def collect_runs(
             if row is not None:
                 rows.append(row)
     return rows
+
+
+def check_store_exists(uri: str) -> None:
+    """Refuse a local store that is not there: MLflow would make an empty one at that path, and
+    the comparison would report no runs instead of the mistake. A server is asked by the first call."""
+    path = tracking_store_path(uri)
+    if path is not None and not Path(path).exists():
+        raise ValueError(
+            f"--tracking-uri: got {uri!r}, but no MLflow store is there ({path} does not exist), and compare reads "
+            "runs, it does not make a store; allowed: the store your runs logged to, an existing SQLite file "
+            "(sqlite:////absolute/path/mlflow.db, or sqlite:///mlflow.db in this folder) or a tracking server "
+            "(http://host:5000)."
+        )
 
 
 def rank_runs(rows: Sequence[RunRow]) -> list[RunRow]:
