@@ -177,14 +177,56 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], Non
         return _run_sweep(sweep, base, log, logs)
 
 
-def _run_sweep(
-    sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], None], logs: Path | None
-) -> SweepResult:
+def _run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], None], logs: Path | None) -> SweepResult:
+    """check and connect -> absolute paths -> soft-label cache -> folders and the parent run ->
+    Tune -> the best trial -> result."""
     start = time.perf_counter()
     limit_mlflow_retries()
     dimensions = parse_space(sweep.space, base, sweep.search.algorithm, sweep.soft_label_cache)
-    config = from_dict(DistillConfig, apply_preset(base))
     sweep_dir = Path(sweep.output_dir).resolve() / sweep.name
+    config = from_dict(DistillConfig, apply_preset(base))
+    _check_and_connect(sweep, config, sweep_dir, log, logs)
+    base, config = _with_absolute_paths(base, config, sweep_dir)
+    relabel_passes, cache_passes = _soft_label_cache(sweep, config, log)
+    uri, tune_storage = _prepare_folders(sweep, config, sweep_dir)
+    # the trials log where the driver does, whatever their processes' environment says
+    base["tracking"] = dict(base.get("tracking") or {}, uri=uri)
+    parent_id = _open_parent(sweep, config, uri, log)
+    trials_dir = sweep_dir / "trials"
+    tuner = _tuner(sweep, config, base, dimensions, trials_dir, tune_storage, parent_id, uri, log)
+    status, grid = "FAILED", None
+    try:
+        grid = tuner.fit()
+        status = "FINISHED"
+    finally:
+        if parent_id is not None:
+            _close_children(uri, parent_id, grid)
+            if status == "FAILED":
+                _terminate(uri, parent_id, status, log)
+    trials = _trial_rows(grid, sweep, trials_dir)
+    result = SweepResult(
+        name=sweep.name,
+        mlflow_run_id=parent_id,
+        trials=trials,
+        best=_best_trial(trials, sweep),
+        relabel_forward_passes=relabel_passes,
+        cache_forward_passes=cache_passes,
+        teacher_forward_passes=relabel_passes + sum(t["teacher_forward_passes"] for t in trials),
+        seconds=time.perf_counter() - start,
+    )
+    (sweep_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    if parent_id is not None:
+        _finish_parent(sweep, result, uri, parent_id, sweep_dir, log)
+    log(_summary(sweep, result))
+    return result
+
+
+def _check_and_connect(
+    sweep: SweepConfig, config: DistillConfig, sweep_dir: Path, log: Callable[[str], None], logs: Path | None
+) -> None:
+    """The base config's checks, and the cluster's resources for one trial, before any trial is
+    scheduled; teachers the base config names but that do not exist yet are trained first when
+    the sweep names a teachers config."""
     train_first = sweep.teachers is not None and bool(_missing_teachers(config))
     if not train_first:
         _check_base(config, sweep_dir)  # bad teachers or data: one error before any trial is scheduled
@@ -203,8 +245,13 @@ def _run_sweep(
     if train_first:
         _train_missing_teachers(config, str(sweep.teachers), log)
         _check_base(config, sweep_dir)
-    trials_dir = sweep_dir / "trials"
-    # every trial runs elsewhere: give them absolute paths (data, teachers, cache)
+
+
+def _with_absolute_paths(
+    base: dict[str, Any], config: DistillConfig, sweep_dir: Path
+) -> tuple[dict[str, Any], DistillConfig]:
+    """A copy of the base config data (``config``) whose paths (data, teachers, cache, storage)
+    are absolute, and its config: every trial runs elsewhere."""
     resolved = resolve_paths(config, sweep_dir)
     base = dict(base)
     base["teachers"] = [
@@ -216,16 +263,24 @@ def _run_sweep(
         base["cache"] = dict(base.get("cache", {}), path=str(Path(config.cache.path).resolve()))
     if resolved.storage_path is not None:
         base["storage_path"] = resolved.storage_path
-    config = from_dict(DistillConfig, apply_preset(base))
+    return base, from_dict(DistillConfig, apply_preset(base))
 
-    relabel_passes = cache_passes = 0
-    if sweep.soft_label_cache:
-        before = read_manifest(cache_uri(config))
-        manifest = relabel(config, log=log)  # kept as it is when it was made for the same teachers and data
-        cache_passes = int(sum(manifest["teacher_forward_passes"].values()))
-        if before is None or before.get("created") != manifest.get("created"):
-            relabel_passes = cache_passes
 
+def _soft_label_cache(sweep: SweepConfig, config: DistillConfig, log: Callable[[str], None]) -> tuple[int, int]:
+    """With ``soft_label_cache``, run the teachers once (``relabel``; a cache made for the same
+    teachers and data is kept). Returns ``(teacher forward passes made now, the cache's)``."""
+    if not sweep.soft_label_cache:
+        return 0, 0
+    before = read_manifest(cache_uri(config))
+    manifest = relabel(config, log=log)  # kept as it is when it was made for the same teachers and data
+    cache_passes = int(sum(manifest["teacher_forward_passes"].values()))
+    made_now = before is None or before.get("created") != manifest.get("created")
+    return (cache_passes if made_now else 0), cache_passes
+
+
+def _prepare_folders(sweep: SweepConfig, config: DistillConfig, sweep_dir: Path) -> tuple[str, str]:
+    """The sweep's folder with ``sweep.json``, the storage folders and the MLflow store, checked to
+    be shared (trials run on any node). Returns ``(tracking URI, Tune's storage)``."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
     if config.storage_path is not None and "://" not in config.storage_path:
@@ -238,37 +293,59 @@ def _run_sweep(
         Path(tune_storage).mkdir(parents=True, exist_ok=True)
         shared["storage_path (the sweep's, for Tune)"] = tune_storage
     check_shared(shared, uri)  # trials run on any node
-    # the trials log where the driver does, whatever their processes' environment says
-    base["tracking"] = dict(base.get("tracking") or {}, uri=uri)
-    parent_id = _open_parent(sweep, config, uri, log)
-    epochs = config.train.epochs
-    scheduler = None
-    if sweep.scheduler.type == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration",
-            # above the last epoch: ASHA stops a trial that reaches max_t, which would cut off
-            # the export of its student after the last report
-            max_t=epochs + 1,
-            grace_period=min(sweep.scheduler.grace_period, epochs),
-            reduction_factor=sweep.scheduler.reduction_factor,
-        )
-    search_alg = None
+    return uri, tune_storage
+
+
+def _scheduler(sweep: SweepConfig, epochs: int) -> Any:
+    """ASHA (``scheduler.type: asha``), or None: every trial runs all its epochs."""
+    if sweep.scheduler.type != "asha":
+        return None
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",
+        # above the last epoch: ASHA stops a trial that reaches max_t, which would cut off
+        # the export of its student after the last report
+        max_t=epochs + 1,
+        grace_period=min(sweep.scheduler.grace_period, epochs),
+        reduction_factor=sweep.scheduler.reduction_factor,
+    )
+
+
+def _search_algorithm(sweep: SweepConfig) -> Any:
+    """Optuna, seeded random search, or None (Tune's grid)."""
     if sweep.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=sweep.search.seed)
-    elif sweep.search.algorithm == "random":
+        return OptunaSearch(seed=sweep.search.seed)
+    if sweep.search.algorithm == "random":
         # given explicitly, the generator needs the concurrency limit itself (Tune does not pass it on)
-        search_alg = tune.search.BasicVariantGenerator(
+        return tune.search.BasicVariantGenerator(
             random_state=sweep.search.seed, max_concurrent=sweep.trials.max_concurrent
         )
+    return None
+
+
+def _tuner(
+    sweep: SweepConfig,
+    config: DistillConfig,
+    base: dict[str, Any],
+    dimensions: list[Dimension],
+    trials_dir: Path,
+    tune_storage: str,
+    parent_id: str | None,
+    uri: str,
+    log: Callable[[str], None],
+) -> tune.Tuner:
+    """The sweep's ``tune.Tuner`` (one trial: ``_run_trial``, one distillation run); says what it
+    will search."""
+    epochs = config.train.epochs
+    scheduler, search_alg = _scheduler(sweep, epochs), _search_algorithm(sweep)
     log(
         f"sweep {sweep.name}: {sweep.search.algorithm} search over {', '.join(d.key for d in dimensions)}; "
         f"{sweep.num_samples} sample(s), up to {sweep.trials.max_concurrent} trial(s) at once"
         + (", ASHA on " + sweep.metric if scheduler else "")
         + (f"; MLflow parent run {parent_id} at {uri}" if parent_id else "")
     )
-    tuner = tune.Tuner(
+    return tune.Tuner(
         # a trial whose one Train worker runs in its own process (local mode) holds that worker's CPUs too
         tune.with_resources(
             _run_trial, {"CPU": sweep.trials.cpus + (config.workers.cpus if local_mode(config) else 0)}
@@ -295,43 +372,19 @@ def _run_sweep(
             verbose=tune_verbosity(),
         ),
     )
-    status, grid = "FAILED", None
-    try:
-        grid = tuner.fit()
-        status = "FINISHED"
-    finally:
-        if parent_id is not None:
-            _close_children(uri, parent_id, grid)
-            if status == "FAILED":
-                _terminate(uri, parent_id, status, log)
-    trials = _trial_rows(grid, sweep, trials_dir)
+
+
+def _best_trial(trials: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any] | None:
+    """The finished trial with the best ``metric``; ties broken as ``ray-aekd compare`` ranks
+    them: then val/agreement, then the first in name order."""
     finished = [t for t in trials if t["status"] == "FINISHED" and sweep.metric in t["metrics"]]
+    if not finished:
+        return None
     sign = 1 if sweep.direction == "max" else -1
-    # ties broken as `ray-aekd compare` ranks them: then val/agreement, then name
-    best = (
-        max(  # the first of equal trials in name order wins
-            sorted(finished, key=lambda t: t["name"]),
-            key=lambda t: (sign * t["metrics"][sweep.metric], t["metrics"].get("val/agreement", float("-inf"))),
-        )
-        if finished
-        else None
+    return max(  # the first of equal trials in name order wins
+        sorted(finished, key=lambda t: t["name"]),
+        key=lambda t: (sign * t["metrics"][sweep.metric], t["metrics"].get("val/agreement", float("-inf"))),
     )
-    trial_passes = sum(t["teacher_forward_passes"] for t in trials)
-    result = SweepResult(
-        name=sweep.name,
-        mlflow_run_id=parent_id,
-        trials=trials,
-        best=best,
-        relabel_forward_passes=relabel_passes,
-        cache_forward_passes=cache_passes,
-        teacher_forward_passes=relabel_passes + trial_passes,
-        seconds=time.perf_counter() - start,
-    )
-    (sweep_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
-    if parent_id is not None:
-        _finish_parent(sweep, result, uri, parent_id, sweep_dir, log)
-    log(_summary(sweep, result))
-    return result
 
 
 def _missing_teachers(config: DistillConfig) -> list[str]:
