@@ -5,7 +5,7 @@
 
 The same sweep (``ray_aekd.sweep.run_sweep``, grid search, ``distill.tolerance_fraction`` x
 ``distill.temperature``, 4 x 2 = 8 trials by default, the same ``data.views`` V,
-``max_concurrent_trials``, seed and data) runs twice in one process on one local Ray:
+``trials.max_concurrent``, seed and data) runs twice in one process on one local Ray:
 
 (a) cached: ``soft_label_cache: true``. ``relabel`` runs the teachers once over V views of the
     training split and once over the validation split, then every trial reads the Parquet cache
@@ -282,7 +282,7 @@ def main() -> int:
     add("--tolerance-fractions", type=numbers, help="grid of distill.tolerance_fraction; full 0,0.33,0.67,1, quick 0,1")
     add("--temperatures", type=numbers, help="grid of distill.temperature; full 2,4, quick 4")
     add("--batch-size", type=int, default=64, help="training batch (default 64)")
-    add("--concurrency", type=int, default=2, help="max_concurrent_trials of both sweeps (default 2)")
+    add("--concurrency", type=int, default=2, help="trials.max_concurrent of both sweeps (default 2)")
     add("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 3 x concurrency)")
     add("--uncached-mode", choices=("stream", "auto"), default="stream",
         help="cache.mode of the uncached sweep's trials: stream (teachers every epoch, the baseline) or auto "
