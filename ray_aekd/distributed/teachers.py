@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch
 from ray import tune
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
+from torch import nn
 
 from ray_aekd._console import LOG_FILE, capture_logs, tune_verbosity
 from ray_aekd.config import TeachersConfig, TeacherSpec, flatten, from_dict, with_env_faults
@@ -102,83 +103,133 @@ def _say(line: str) -> None:
 
 
 def _train_one(trial_config: dict[str, Any]) -> None:
-    """Tune trainable: train teacher ``trial_config["teacher"]`` and save its checkpoint.
+    """Tune trainable: train teacher ``trial_config["teacher"]`` and save its checkpoint:
+    restore -> per epoch (train, validate, report with a checkpoint) -> save.
 
     Reports a Tune checkpoint (``STATE_FILE``) with every epoch's metrics and, when Tune
     restarts the trial after a failure, resumes after the epoch of the last one."""
     config = from_dict(TeachersConfig, trial_config["config"])
     spec = config.teachers[trial_config["teacher"]]
-    out_dir = Path(trial_config["output_dir"]) / spec.name
     torch.manual_seed(spec.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
     data = teacher_data(config, spec)
-    source = data.source
-    pad, flip = view_settings(source)
-    model = build_model(spec.model, source.num_classes, in_channels=source.input_shape[0]).to(device)
-    train = config.train
-    optimizer, scheduler = make_optimizer(
-        model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones
-    )
-    val_x = normalize(data.val_images, source.mean, source.std).to(device)
+    run = _TeacherRun.build(config, spec, data.source, device)
+    val_x = normalize(data.val_images, data.source.mean, data.source.std).to(device)
     val_y = data.val_labels.to(device)
-    gen = torch.Generator().manual_seed(spec.seed + 1)  # the order of the samples, epoch by epoch
-    metrics: dict[str, float] = {}
-    start_epoch = 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            file = Path(folder) / STATE_FILE
-            state: dict[str, Any] = read_state_dict(
-                file.read_bytes(), STATE_FILE, f"teacher {spec.name!r}'s Tune checkpoint {checkpoint.path}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["order_rng"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch, metrics = int(state["epoch"]), dict(state["metrics"])
-        _say(f"[ray-aekd] teacher {spec.name} resuming from its checkpoint after epoch {start_epoch}")
-    faults = config.faults
-    for epoch in range(start_epoch, train.epochs):
+    _restore_teacher(run, spec)
+    for epoch in range(run.epoch, config.train.epochs):
         start = time.perf_counter()
-        order = torch.randperm(len(data.train_labels), generator=gen)
+        order = torch.randperm(len(data.train_labels), generator=run.order_rng)
+        run.metrics = classification_epoch(run.model, _teacher_batches(config, spec, data, order, epoch, device),
+                                           run.optimizer)  # fmt: skip
+        run.scheduler.step()
+        val_metrics, _ = evaluate(run.model, val_x, val_y)
+        run.metrics |= val_metrics | {"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - start}
+        run.epoch = epoch + 1
+        _report_teacher_epoch(run)
+        _teacher_fault(config, spec, Path(trial_config["output_dir"]), epoch)
+    _save_teacher(config, spec, data.source, run, Path(trial_config["output_dir"]) / spec.name)
 
-        def batches(order: torch.Tensor = order, epoch: int = epoch):
-            for i in range(0, len(order), train.batch_size):
-                idx = order[i : i + train.batch_size]
-                images = data.train_images[idx]
-                if config.data.augment:
-                    images = augment(images, data.train_indices[idx], spec.seed, epoch, pad=pad, flip=flip)
-                yield normalize(images, source.mean, source.std).to(device), data.train_labels[idx].to(device)
 
-        metrics = classification_epoch(model, batches(), optimizer)
-        scheduler.step()
-        val_metrics, _ = evaluate(model, val_x, val_y)
-        metrics |= val_metrics | {"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - start}
+@dataclasses.dataclass
+class _TeacherRun:
+    """One teacher's training state: what its Tune checkpoint holds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order_rng: torch.Generator  # the order of the samples, epoch by epoch
+    device: torch.device
+    epoch: int = 0  # epochs done
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last epoch's
+
+    @classmethod
+    def build(cls, config: TeachersConfig, spec: TeacherSpec, source: ImageSource, device: torch.device) -> _TeacherRun:
+        model = build_model(spec.model, source.num_classes, in_channels=source.input_shape[0]).to(device)
+        train = config.train
+        optimizer, scheduler = make_optimizer(
+            model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones
+        )
+        return cls(model, optimizer, scheduler, torch.Generator().manual_seed(spec.seed + 1), device)
+
+    def state_dict(self) -> dict[str, Any]:
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1,
-            "metrics": metrics,
-            "order_rng": gen.get_state(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "metrics": self.metrics,
+            "order_rng": self.order_rng.get_state(),
             "rng": torch.get_rng_state(),
         }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
-            # returns once the checkpoint is in storage and the driver has the result (Tune's
-            # function trainables report synchronously): a restart resumes after this epoch
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        doomed = faults.kill_teacher == spec.name and epoch + 1 == faults.kill_teacher_epoch
-        if doomed and fire_once(Path(trial_config["output_dir"]) / "faults", "kill_teacher"):
-            die(f"killing the trial process of teacher {spec.name!r} (pid {os.getpid()}) after epoch {epoch + 1}")
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.order_rng.set_state(state["order_rng"])
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.epoch, self.metrics = int(state["epoch"]), dict(state["metrics"])
+
+
+def _restore_teacher(run: _TeacherRun, spec: TeacherSpec) -> None:
+    """Resume from the trial's Tune checkpoint, when Tune restarted it after a failure."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        file = Path(folder) / STATE_FILE
+        state: dict[str, Any] = read_state_dict(
+            file.read_bytes(), STATE_FILE, f"teacher {spec.name!r}'s Tune checkpoint {checkpoint.path}"
+        )
+    run.load_state_dict(state)
+    _say(f"[ray-aekd] teacher {spec.name} resuming from its checkpoint after epoch {run.epoch}")
+
+
+def _teacher_batches(
+    config: TeachersConfig, spec: TeacherSpec, data: TeacherData, order: torch.Tensor, epoch: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's ``(images [B, C, H, W], labels [B])`` in ``order``: the teacher's own
+    augmentation views (seeded by its seed and the epoch), normalised, on ``device``."""
+    source, batch_size = data.source, config.train.batch_size
+    pad, flip = view_settings(source)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        images = data.train_images[idx]
+        if config.data.augment:
+            images = augment(images, data.train_indices[idx], spec.seed, epoch, pad=pad, flip=flip)
+        yield normalize(images, source.mean, source.std).to(device), data.train_labels[idx].to(device)
+
+
+def _report_teacher_epoch(run: _TeacherRun) -> None:
+    """Report the epoch's metrics to Tune with the training state as its checkpoint."""
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(run.state_dict(), Path(folder) / STATE_FILE)
+        # returns once the checkpoint is in storage and the driver has the result (Tune's
+        # function trainables report synchronously): a restart resumes after this epoch
+        tune.report(run.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _teacher_fault(config: TeachersConfig, spec: TeacherSpec, output_dir: Path, epoch: int) -> None:
+    """The fault drill (``faults.kill_teacher``): kill this trial's process after the epoch, once per run."""
+    faults = config.faults
+    doomed = faults.kill_teacher == spec.name and epoch + 1 == faults.kill_teacher_epoch
+    if doomed and fire_once(output_dir / "faults", "kill_teacher"):
+        die(f"killing the trial process of teacher {spec.name!r} (pid {os.getpid()}) after epoch {epoch + 1}")
+
+
+def _save_teacher(
+    config: TeachersConfig, spec: TeacherSpec, source: ImageSource, run: _TeacherRun, out_dir: Path
+) -> None:
+    """The teacher's final checkpoint (what distillation reads), with its last ``val/`` metrics."""
     save_checkpoint(
         str(out_dir),
-        model.cpu(),
+        run.model.cpu(),
         CheckpointMetadata(
             architecture=spec.model,
             num_classes=source.num_classes,
@@ -188,7 +239,7 @@ def _train_one(trial_config: dict[str, Any]) -> None:
             dataset=config.data.dataset,
             class_names=source.class_names,
             seed=spec.seed,
-            metrics={k: v for k, v in metrics.items() if k.startswith("val/")},
+            metrics={k: v for k, v in run.metrics.items() if k.startswith("val/")},
         ),
     )
 
@@ -210,13 +261,9 @@ def train_teachers(config: TeachersConfig, log: Callable[[str], None] = print) -
 
 
 def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Path | None) -> TeachersResult:
+    """check -> write the output folder -> one Tune trial per teacher -> evaluate the ensemble."""
     start = time.perf_counter()
-    config = with_env_faults(config)
-    if config.data.path is not None and "://" not in config.data.path:
-        # Tune runs each trial in its own working directory: pass the trials an absolute path
-        config = dataclasses.replace(
-            config, data=dataclasses.replace(config.data, path=str(Path(config.data.path).resolve()))
-        )
+    config = _with_absolute_data_path(with_env_faults(config))
     source, _, val = load_split(config)  # fails fast on a bad data path, before Ray is used
     _check_teachers_fit(config, source)
     _check_cluster(config)
@@ -224,18 +271,12 @@ def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Pa
     output_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(output_dir / "faults", ignore_errors=True)  # a fault fires once per run: an earlier run's markers go
     (output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    res = config.trials
-    trainable = tune.with_resources(_train_one, {"cpu": res.cpus, "gpu": res.gpus})
     names = [t.name for t in config.teachers]
     if config.faults.active:
         log(
             f"fault injection on: kill the trial process of teacher {config.faults.kill_teacher!r} after its epoch "
             f"{config.faults.kill_teacher_epoch}"
         )
-    failures = _TeacherFailures(names, res.max_failures, log)
-    # keeping only each trial's newest checkpoint (num_to_keep below) makes Tune snapshot its experiment
-    # state with every checkpoint, and warn about it when epochs are short; that snapshot took ~10 ms here
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logger = _TeacherLogger(
         uri=config.tracking.uri,
         experiment=config.tracking.experiment,
@@ -246,8 +287,35 @@ def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Pa
     log(f"training {len(names)} teachers ({', '.join(names)}) on Ray; MLflow: {logger.uri}")
     if logs == output_dir / LOG_FILE:  # not when a command around it (quickstart) said where
         log(f"Ray's and MLflow's logs: {logs} (--verbose shows them here)")
+    _fit_teachers(config, output_dir, logger, log)
+    result = _evaluate_ensemble(config, source, val, output_dir, logger.run_ids, start)
+    (output_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    log(format_table(result))
+    return result
+
+
+def _with_absolute_data_path(config: TeachersConfig) -> TeachersConfig:
+    """Tune runs each trial in its own working directory: pass the trials an absolute data path."""
+    if config.data.path is None or "://" in config.data.path:
+        return config
+    return dataclasses.replace(
+        config, data=dataclasses.replace(config.data, path=str(Path(config.data.path).resolve()))
+    )
+
+
+def _fit_teachers(
+    config: TeachersConfig, output_dir: Path, logger: MlflowTrialLogger, log: Callable[[str], None]
+) -> None:
+    """One Tune trial per teacher (``_train_one``), all at once, restarted from their last
+    checkpoint up to ``trials.max_failures`` times; raises naming the teachers that failed."""
+    res = config.trials
+    names = [t.name for t in config.teachers]
+    failures = _TeacherFailures(names, res.max_failures, log)
+    # keeping only each trial's newest checkpoint (num_to_keep below) makes Tune snapshot its experiment
+    # state with every checkpoint, and warn about it when epochs are short; that snapshot took ~10 ms here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tuner = tune.Tuner(
-        trainable,
+        tune.with_resources(_train_one, {"cpu": res.cpus, "gpu": res.gpus}),
         param_space={
             "teacher": tune.grid_search(list(range(len(names)))),
             "config": dataclasses.asdict(config),
@@ -276,8 +344,20 @@ def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Pa
             f"{res.max_failures} restarts each); first error: {errors[0][1]}"
         )
 
+
+def _evaluate_ensemble(
+    config: TeachersConfig,
+    source: ImageSource,
+    val: torch.Tensor,
+    output_dir: Path,
+    run_ids: dict[str, str],
+    start: float,
+) -> TeachersResult:
+    """Each saved teacher and their ensemble (mean softmax) on the validation split ``val``, and
+    how much they disagree."""
     val_images, val_labels = _stack(source, val)
     val_x = normalize(val_images, source.mean, source.std)
+    names = [t.name for t in config.teachers]
     teachers: dict[str, dict[str, Any]] = {}
     logits = []
     for name in names:
@@ -290,13 +370,13 @@ def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Pa
             "model": meta.architecture,
             "val/acc1": metrics["val/acc1"],
             "checkpoint": str(output_dir / name),
-            "mlflow_run_id": logger.run_ids.get(name),
+            "mlflow_run_id": run_ids.get(name),
         }
     stacked = torch.stack(logits)  # [M, N, K]
     ensemble = stacked.softmax(-1).mean(0).argmax(-1)
     votes = stacked.argmax(-1)  # [M, N]
     pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    result = TeachersResult(
+    return TeachersResult(
         teachers=teachers,
         ensemble_acc1=float((ensemble == val_labels).float().mean()),
         disagreement=float((votes != votes[:1]).any(0).float().mean()),
@@ -305,9 +385,6 @@ def _train_teachers(config: TeachersConfig, log: Callable[[str], None], logs: Pa
         else 0.0,
         seconds=time.perf_counter() - start,
     )
-    (output_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
-    log(format_table(result))
-    return result
 
 
 class _TeacherLogger(MlflowTrialLogger):
