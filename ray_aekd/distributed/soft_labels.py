@@ -213,30 +213,73 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     check_run(config, source, len(train_idx))
     stages = stage_specs(config, source)
     identity = cache_identity(config, source, train_idx, val_idx, stages)
-    existing = read_manifest(uri)
-    if existing is not None and not overwrite:
-        if not _differences(existing, identity) and existing.get("format") == FORMAT_VERSION:
-            log(f"soft-label cache at {uri} is up to date ({existing['views']} view(s)); nothing to do.")
-            return existing
-        check_cache(uri, identity)  # raises, naming the differences
-    views = identity["views"]
+    existing = _existing_cache(uri, identity, overwrite, log)
+    if existing is not None:
+        return existing
     demands = run_demands(config, teachers=True, workers=False)
     cpus, gpus = demand_totals(demands)
-    hint = "lower teachers.<i>.cpus or actors"
-    connect(cpus, gpus, f"{len(stages)} teacher stage(s)", hint, demands=demands)
+    connect(cpus, gpus, f"{len(stages)} teacher stage(s)", "lower teachers.<i>.cpus or actors", demands=demands)
     fs, path = _filesystem(uri)
     fs.create_dir(path, recursive=True)
     with contextlib.suppress(FileNotFoundError, OSError):
         fs.delete_file(_join(path, MANIFEST))  # from here on the cache is incomplete until the end
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # a line at the start and one at the end say what happens
-    context.print_on_execution_start = False
-    names = [s.name for s in stages]
+    names, views = [s.name for s in stages], identity["views"]
     log(
         f"relabel: running {len(names)} teachers ({', '.join(names)}) over {views} view(s) of {len(train_idx)} "
         f"training and {len(val_idx)} validation images; writing {config.cache.dtype} logits to {uri}"
     )
+    forwards = _write_logits(config, source, train_idx, val_idx, stages, views, uri)
+    manifest = {
+        "format": FORMAT_VERSION,
+        **identity,
+        "teacher_sources": [{"name": s.name, "kind": s.source.kind, "location": s.source.location} for s in stages],
+        "dtype": config.cache.dtype,
+        "teacher_forward_passes": forwards,
+        "seconds": time.perf_counter() - start,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ray_aekd_version": __version__,
+    }
+    with fs.open_output_stream(_join(path, MANIFEST)) as f:  # last: its presence means complete
+        f.write(json.dumps(manifest, indent=2).encode())
+    log(
+        f"relabel: wrote {views} view(s) of logits for {len(names)} teachers to {uri} "
+        f"({sum(forwards.values())} teacher forward passes, {manifest['seconds']:.0f} s)"
+    )
+    return manifest
+
+
+def _existing_cache(
+    uri: str, identity: dict[str, Any], overwrite: bool, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The manifest of the cache at ``uri`` when it is complete and made for ``identity`` (said on
+    the console), else None (none there, or ``overwrite``); a cache made for other settings is
+    refused, naming the differences."""
+    existing = read_manifest(uri)
+    if existing is None or overwrite:
+        return None
+    if not _differences(existing, identity) and existing.get("format") == FORMAT_VERSION:
+        log(f"soft-label cache at {uri} is up to date ({existing['views']} view(s)); nothing to do.")
+        return existing
+    check_cache(uri, identity)  # raises, naming the differences
+    return None
+
+
+def _write_logits(
+    config: DistillConfig,
+    source: Any,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    stages: list[TeacherStageSpec],
+    views: int,
+    uri: str,
+) -> dict[str, int]:
+    """Run the teacher stages over ``views`` views of the training split (``<uri>/train``,
+    partitioned by view) and over the validation split (``<uri>/val``); returns the teachers'
+    forward passes, counted."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # a line at the start and one at the end say what happens
+    context.print_on_execution_start = False
+    names = [s.name for s in stages]
     counter = ViewClock.remote()
     pad, flip = view_settings(source)
     order = train_idx.sort().values.numpy()
@@ -267,24 +310,7 @@ def relabel(config: DistillConfig, log: Callable[[str], None] = print, overwrite
     val.write_parquet(_join(uri, "val"), mode="overwrite")
     forwards = ray.get(counter.forwards.remote())
     ray.kill(counter)
-    manifest = {
-        "format": FORMAT_VERSION,
-        **identity,
-        "teacher_sources": [{"name": s.name, "kind": s.source.kind, "location": s.source.location} for s in stages],
-        "dtype": config.cache.dtype,
-        "teacher_forward_passes": forwards,
-        "seconds": time.perf_counter() - start,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "ray_aekd_version": __version__,
-    }
-    with fs.open_output_stream(_join(path, MANIFEST)) as f:  # last: its presence means complete
-        f.write(json.dumps(manifest, indent=2).encode())
-    total = sum(forwards.values())
-    log(
-        f"relabel: wrote {views} view(s) of logits for {len(names)} teachers to {uri} "
-        f"({total} teacher forward passes, {manifest['seconds']:.0f} s)"
-    )
-    return manifest
+    return forwards
 
 
 # per data-worker process: the last few tables read, keyed by (cache uri, view or -1 for val)
