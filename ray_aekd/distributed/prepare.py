@@ -166,37 +166,7 @@ def _sentence(error: Exception) -> str:
 def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dict[str, Any]:
     """Teachers fit the data, the student runs on it, batches fit the split. Returns the
     facts the workers need (``info``)."""
-    image, _ = source[0]
-    x = normalize(image.unsqueeze(0).repeat(2, 1, 1, 1), source.mean, source.std)
-    teacher_channels = []
-    for i, teacher in enumerate(config.teachers):
-        key = f"teachers.{i}.{teacher_key(teacher)}"
-        if teacher.source_kind == "checkpoint" and teacher.preprocess is None:
-            try:
-                meta = read_metadata(teacher.checkpoint)  # type: ignore[arg-type]
-            except (CheckpointError, OSError) as error:
-                raise ValueError(
-                    f"{key}: teacher {teacher.name!r}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}."
-                ) from None
-            if meta.num_classes != source.num_classes or tuple(meta.input_shape) != source.input_shape:
-                raise ValueError(
-                    f"{key}: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "
-                    f"{list(meta.input_shape)}, but {config.data.dataset} has {source.num_classes} classes and inputs "
-                    f"{list(source.input_shape)}; allowed: a teacher trained for {source.num_classes} classes and "
-                    f"inputs {list(source.input_shape)} (the teachers and the student read the same images)."
-                )
-        loaded = teacher_facts(teacher, source, key)  # the whole file, as the teacher stage will read it
-        if config.distill.hint_weight > 0:
-            if loaded.architecture is None:
-                raise ValueError(
-                    f"{key}: teacher {teacher.name!r} is a {teacher.source_kind} model, whose layers cannot be named "
-                    "for hints; allowed: checkpoint or model + weights teachers when distill.hint_weight > 0."
-                )
-            with torch.no_grad():
-                teacher_x = loaded.preprocess(sample_images(source))
-                _, feature = forward_with_feature(loaded.module, teacher_x, teacher_hint_layer(loaded.architecture))
-            teacher_channels.append((loaded.architecture, list(feature.shape[1:])))
-    student = build_model(config.student.model, source.num_classes, in_channels=source.input_shape[0]).eval()
+    hint_features = [_check_teacher(config, source, i) for i in range(len(config.teachers))]
     info: dict[str, Any] = {
         "num_classes": source.num_classes,
         "input_shape": list(source.input_shape),
@@ -204,26 +174,62 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
         "std": list(source.std),
         "class_names": list(source.class_names),
     }
+    info |= _check_student(config, source, [f for f in hint_features if f is not None])
+    _check_batches(config, num_train)
+    return info
+
+
+def _check_teacher(config: DistillConfig, source: ImageSource, i: int) -> tuple[str, list[int]] | None:
+    """Teacher ``i`` was made for this data (a checkpoint's metadata) and loads; with hints, its
+    ``(architecture, hint feature shape [C, H, W])``, else None."""
+    teacher = config.teachers[i]
+    key = f"teachers.{i}.{teacher_key(teacher)}"
+    if teacher.source_kind == "checkpoint" and teacher.preprocess is None:
+        try:
+            meta = read_metadata(teacher.checkpoint)  # type: ignore[arg-type]
+        except (CheckpointError, OSError) as error:
+            raise ValueError(
+                f"{key}: teacher {teacher.name!r}: {_sentence(error)}; allowed: {_CHECKPOINT_ALLOWED}."
+            ) from None
+        if meta.num_classes != source.num_classes or tuple(meta.input_shape) != source.input_shape:
+            raise ValueError(
+                f"{key}: {teacher.name!r} was trained for {meta.num_classes} classes and inputs "
+                f"{list(meta.input_shape)}, but {config.data.dataset} has {source.num_classes} classes and inputs "
+                f"{list(source.input_shape)}; allowed: a teacher trained for {source.num_classes} classes and "
+                f"inputs {list(source.input_shape)} (the teachers and the student read the same images)."
+            )
+    loaded = teacher_facts(teacher, source, key)  # the whole file, as the teacher stage will read it
+    if config.distill.hint_weight == 0:
+        return None
+    if loaded.architecture is None:
+        raise ValueError(
+            f"{key}: teacher {teacher.name!r} is a {teacher.source_kind} model, whose layers cannot be named "
+            "for hints; allowed: checkpoint or model + weights teachers when distill.hint_weight > 0."
+        )
+    with torch.no_grad():
+        teacher_x = loaded.preprocess(sample_images(source))
+        _, feature = forward_with_feature(loaded.module, teacher_x, teacher_hint_layer(loaded.architecture))
+    return loaded.architecture, list(feature.shape[1:])
+
+
+def _check_student(
+    config: DistillConfig, source: ImageSource, teacher_features: list[tuple[str, list[int]]]
+) -> dict[str, Any]:
+    """The student runs on two of the data's images; with hints, its hint feature can be
+    regressed onto each teacher's (``teacher_features``: architecture, shape), and the facts the
+    workers need to build the regressors are returned."""
+    image, _ = source[0]
+    x = normalize(image.unsqueeze(0).repeat(2, 1, 1, 1), source.mean, source.std)
+    student = build_model(config.student.model, source.num_classes, in_channels=source.input_shape[0]).eval()
     layer = config.student.hint_layer or model_spec(config.student.model).hint_layer
     try:
         with torch.no_grad():
-            if config.distill.hint_weight > 0:
-                if layer is None:
-                    raise ValueError(f"student.hint_layer: {config.student.model!r} has no default; name one.")
-                _, feature = forward_with_feature(student, x, layer)
-                for i, (arch, shape) in enumerate(teacher_channels):
-                    if list(feature.shape[2:]) != shape[1:]:
-                        raise ValueError(
-                            f"distill.hint_weight: the student's {layer!r} output {list(feature.shape[1:])} cannot be "
-                            f"regressed onto teacher {i} ({arch}) feature {shape}: the spatial sizes differ."
-                        )
-                info |= {
-                    "student_hint_layer": layer,
-                    "student_hint_channels": int(feature.shape[1]),
-                    "teacher_hint_channels": [shape[0] for _, shape in teacher_channels],
-                }
-            else:
+            if config.distill.hint_weight == 0:
                 student(x)
+                return {}
+            if layer is None:
+                raise ValueError(f"student.hint_layer: {config.student.model!r} has no default; name one.")
+            _, feature = forward_with_feature(student, x, layer)
     except RuntimeError as error:
         shape = list(source.input_shape)
         raise ValueError(
@@ -231,6 +237,22 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
             f"shape {shape} ({_sentence(error)}); allowed: a model that takes {shape} inputs (digits_mlp and "
             "digits_cnn are made for the 8x8 digits, the CIFAR nets for 32x32 images)."
         ) from None
+    for i, (arch, shape) in enumerate(teacher_features):
+        if list(feature.shape[2:]) != shape[1:]:
+            raise ValueError(
+                f"distill.hint_weight: the student's {layer!r} output {list(feature.shape[1:])} cannot be "
+                f"regressed onto teacher {i} ({arch}) feature {shape}: the spatial sizes differ."
+            )
+    return {
+        "student_hint_layer": layer,
+        "student_hint_channels": int(feature.shape[1]),
+        "teacher_hint_channels": [shape[0] for _, shape in teacher_features],
+    }
+
+
+def _check_batches(config: DistillConfig, num_train: int) -> None:
+    """The global batch splits evenly across the workers and fits the training split, and a
+    worker-kill fault drill names a step the run has."""
     workers = max(1, config.workers.num_workers)
     batch = config.train.batch_size
     if batch % workers:
@@ -251,7 +273,6 @@ def check_run(config: DistillConfig, source: ImageSource, num_train: int) -> dic
             f"faults.kill_worker_step: got {kill_step}; allowed: a step of the run, 0 to {steps - 1} "
             f"({config.train.epochs} epoch(s) of {steps // config.train.epochs} steps): the fault could never fire."
         )
-    return info
 
 
 def stage_specs(config: DistillConfig, source: ImageSource) -> list[TeacherStageSpec]:
