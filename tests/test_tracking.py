@@ -69,7 +69,7 @@ def test_artifacts_of_a_local_store_live_next_to_its_database_not_in_the_working
     client = MlflowClient(f"sqlite:///{db}")
     run = client.create_run(experiment_id(client, "my experiment"))
     client.log_text(run.info.run_id, "hello", "plots/note.txt")
-    saved = tmp_path / "store" / "mlartifacts" / "my%20experiment" / run.info.run_id / "artifacts" / "plots" / "note.txt"
-    assert saved.read_text() == "hello"
+    experiment_dir = tmp_path / "store" / "mlartifacts" / "my%20experiment"
+    assert (experiment_dir / run.info.run_id / "artifacts" / "plots" / "note.txt").read_text() == "hello"
     assert not any(job_cwd.iterdir())
     assert experiment_id(client, "my experiment") == run.info.experiment_id  # found again, not created twice
