@@ -11,14 +11,12 @@ once. Artifacts and the model are logged when the run has no ``checkpoint/`` art
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -26,11 +24,11 @@ from ray_aekd._provenance import environment_tags
 from ray_aekd.models.checkpoint import load_checkpoint
 from ray_aekd.models.export import with_preprocess
 from ray_aekd.models.preprocess import Preprocess
+from ray_aekd.tracking.client import create_run, log_metric_rows, log_params
 from ray_aekd.tracking.runs import (
     RUN_ID_FILE,
     TRACKING_FAILED_FILE,
     TRACKING_URI_FILE,
-    experiment_id,
     log_student_model,
     model_signature,
     resolve_tracking_uri,
@@ -85,74 +83,29 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str], None]) -> str:
+    """The run to log into -> the epochs (and once-only metrics) it lacks -> artifacts and the
+    model, when it has none -> FINISHED, when the run folder says the run finished."""
     client = MlflowClient(uri)
-    id_file = run_dir / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
-    if run_id is not None:
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            log(f"run {run_id} of {run_dir} is not in {uri}; creating a new one")
-            run_id = None
-    if run_id is None:
-        run = client.create_run(
-            experiment_id(client, saved.get("tracking.experiment", "ray-aekd")),
-            run_name=saved.get("name", run_dir.name),
-            tags=system_tags(
-                {
-                    "ray_aekd.strategy": str(saved.get("distill.strategy")),
-                    "ray_aekd.run_dir": str(run_dir),
-                    "ray_aekd.uploaded": "true",
-                }
-                | environment_tags(_read_json(run_dir / "environment.json"))
-            ),
-        )
-        run_id = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in saved.items() if not k.startswith("__")]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i : i + 100])
+    run_id = _target_run(client, run_dir, saved, uri, log)
     logged = {m.step for m in client.get_metric_history(run_id, "val/acc1")}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    stamp = int(time.time() * 1000)
     missing = [row for row in rows if row["epoch"] not in logged]
     metrics = [
-        Metric(k, float(v), stamp, int(row["epoch"]))
+        (k, float(v), int(row["epoch"]))
         for row in missing
         for k, v in row.items()
         if k not in _NOT_METRICS and isinstance(v, int | float)
     ]
     result_file = run_dir / "result.json"
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
-    have = client.get_run(run_id).data.metrics
     if result is not None:
-        once = {f"teacher/{n}/val/acc1": a for n, a in result["teachers"].items()}
-        once |= {"ensemble/val/acc1": result["ensemble_acc1"]}
-        once |= {"teacher_forward_passes": float(sum(result.get("teacher_forward_passes", {}).values()))}
-        metrics += [Metric(k, float(v), stamp, 0) for k, v in once.items() if k not in have]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    student = run_dir / "student"
-    logged_files = False
-    if "checkpoint" not in artifacts and student.is_dir():
-        for folder, name in (("plots", "plots"), ("alpha", "alpha"), ("student", "checkpoint")):
-            if (run_dir / folder).is_dir():
-                client.log_artifacts(run_id, str(run_dir / folder), name)
-        for name in ("metrics.jsonl", "cosine.json", "config.json", "environment.json"):
-            if (run_dir / name).is_file():
-                client.log_artifact(run_id, str(run_dir / name))
-        model, meta = load_checkpoint(str(student))
-        wrapped, metadata = with_preprocess(model.eval(), Preprocess(meta.mean, meta.std), meta.class_names,
-                                            meta.input_shape, meta.dataset)  # fmt: skip
-        signature = model_signature(meta.input_shape, meta.num_classes)
-        example = _example_images(saved, meta.input_shape, log)
-        log_student_model(
-            uri, run_id, wrapped, "student", example, saved.get("tracking.register_model"), signature, metadata
-        )
-        logged_files = True
+        have = client.get_run(run_id).data.metrics
+        metrics += [(k, v, 0) for k, v in _once_metrics(result).items() if k not in have]
+    log_metric_rows(uri, run_id, metrics, per_call=1000)
+    logged_files = _log_files_and_model(client, run_id, run_dir, saved, uri, log)
     if result is not None:
         client.set_terminated(run_id, "FINISHED")
-    id_file.write_text(run_id)
+    (run_dir / RUN_ID_FILE).write_text(run_id)
     (run_dir / TRACKING_FAILED_FILE).unlink(missing_ok=True)  # the run is in MLflow now
     log(
         f"uploaded {run_dir} to MLflow at {uri}: run {run_id}, {len(missing)} epoch(s) logged"
@@ -161,3 +114,67 @@ def _upload(run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str],
         + ("" if result is not None else "; the run folder has no result.json (the run did not finish): left RUNNING")
     )
     return run_id
+
+
+def _target_run(
+    client: MlflowClient, run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str], None]
+) -> str:
+    """The run the distillation opened (``mlflow_run_id`` in the folder), or, when there is none
+    or the store does not have it, a new one with the run's config as params."""
+    id_file = run_dir / RUN_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+            return run_id
+        except MlflowException:
+            log(f"run {run_id} of {run_dir} is not in {uri}; creating a new one")
+    tags = {
+        "ray_aekd.strategy": str(saved.get("distill.strategy")),
+        "ray_aekd.run_dir": str(run_dir),
+        "ray_aekd.uploaded": "true",
+    }
+    run_id = create_run(
+        uri,
+        saved.get("tracking.experiment", "ray-aekd"),
+        saved.get("name", run_dir.name),
+        system_tags(tags | environment_tags(_read_json(run_dir / "environment.json"))),
+    )
+    log_params(uri, run_id, {k: v for k, v in saved.items() if not k.startswith("__")})
+    return run_id
+
+
+def _once_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics a distillation logs once, at step 0: the teachers' and the ensemble's accuracy
+    and the teachers' forward passes."""
+    once = {f"teacher/{n}/val/acc1": a for n, a in result["teachers"].items()}
+    once |= {"ensemble/val/acc1": result["ensemble_acc1"]}
+    once |= {"teacher_forward_passes": float(sum(result.get("teacher_forward_passes", {}).values()))}
+    return {k: float(v) for k, v in once.items()}
+
+
+def _log_files_and_model(
+    client: MlflowClient, run_id: str, run_dir: Path, saved: dict[str, Any], uri: str, log: Callable[[str], None]
+) -> bool:
+    """When the run has no ``checkpoint/`` artifact yet and the folder has a student: its plots,
+    weights, checkpoint and files as artifacts, and the student as an MLflow model. Returns
+    whether it logged them."""
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    student = run_dir / "student"
+    if "checkpoint" in artifacts or not student.is_dir():
+        return False
+    for folder, name in (("plots", "plots"), ("alpha", "alpha"), ("student", "checkpoint")):
+        if (run_dir / folder).is_dir():
+            client.log_artifacts(run_id, str(run_dir / folder), name)
+    for name in ("metrics.jsonl", "cosine.json", "config.json", "environment.json"):
+        if (run_dir / name).is_file():
+            client.log_artifact(run_id, str(run_dir / name))
+    model, meta = load_checkpoint(str(student))
+    wrapped, metadata = with_preprocess(model.eval(), Preprocess(meta.mean, meta.std), meta.class_names,
+                                        meta.input_shape, meta.dataset)  # fmt: skip
+    signature = model_signature(meta.input_shape, meta.num_classes)
+    example = _example_images(saved, meta.input_shape, log)
+    log_student_model(
+        uri, run_id, wrapped, "student", example, saved.get("tracking.register_model"), signature, metadata
+    )
+    return True
