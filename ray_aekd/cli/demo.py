@@ -91,28 +91,10 @@ def run_demo(
         space: gradient space of the weighting, ``batch_mean`` or ``per_sample``.
         log: where progress lines go.
     """
-    if num_teachers < 2:
-        raise ValueError(f"the number of teachers (--teachers) must be >= 2; got {num_teachers}.")
-    if epochs < 1:
-        raise ValueError(f"epochs (--epochs) must be >= 1; got {epochs}.")
-    check_tolerance(tolerance, num_teachers)
-    check_temperature(temperature)
-    if not 0.0 <= label_noise <= 1.0:
-        raise ValueError(f"label_noise must be in [0, 1]; got {label_noise}.")
-    for name in strategies:
-        strategy_tolerance(name, num_teachers, tolerance)  # raises on an unknown name
-    if space not in ("batch_mean", "per_sample"):
-        raise ValueError(f"space must be one of batch_mean, per_sample; got {space!r}.")
-
+    _check_demo_args(num_teachers, epochs, tolerance, temperature, strategies, label_noise, space)
     x_train, y_train, x_val, y_val = load_digits_split(seed)
     log(f"digits: {len(y_train)} train / {len(y_val)} validation images (scikit-learn, bundled)")
-    gen = torch.Generator().manual_seed(seed + 1)
-    teachers = []
-    for m in range(num_teachers):
-        group = list(range(m, 10, num_teachers))
-        noisy = corrupt_labels(y_train, group, label_noise, 10, gen)
-        teachers.append(_train_teacher(x_train, noisy, seed=seed * 100 + m))
-        log(f"teacher {m}: trained with {label_noise:.0%} label noise on classes {group}")
+    teachers = _disagreeing_teachers(x_train, y_train, num_teachers, label_noise, seed, log)
     with torch.inference_mode():
         train_logits = torch.stack([t(x_train) for t in teachers])  # [M, N, 10]
         val_logits = torch.stack([t(x_val) for t in teachers])
@@ -125,7 +107,6 @@ def run_demo(
         + "  ".join(f"t{m} {acc:.3f}" for m, acc in enumerate(result.teacher_acc1))
         + f"   ensemble {result.ensemble_acc1:.3f}"
     )
-
     for name in strategies:
         cap = strategy_tolerance(name, num_teachers, tolerance)
         start = time.perf_counter()
@@ -145,6 +126,45 @@ def run_demo(
             f"mean weights [{', '.join(f'{w:.3f}' for w in mean_weights)}]  ({row['seconds']:.1f}s)"
         )
     return result
+
+
+def _check_demo_args(
+    num_teachers: int,
+    epochs: int,
+    tolerance: float,
+    temperature: float,
+    strategies: Sequence[str],
+    label_noise: float,
+    space: str,
+) -> None:
+    """Refuse a bad argument of ``run_demo``, naming it and what is allowed."""
+    if num_teachers < 2:
+        raise ValueError(f"the number of teachers (--teachers) must be >= 2; got {num_teachers}.")
+    if epochs < 1:
+        raise ValueError(f"epochs (--epochs) must be >= 1; got {epochs}.")
+    check_tolerance(tolerance, num_teachers)
+    check_temperature(temperature)
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1]; got {label_noise}.")
+    for name in strategies:
+        strategy_tolerance(name, num_teachers, tolerance)  # raises on an unknown name
+    if space not in ("batch_mean", "per_sample"):
+        raise ValueError(f"space must be one of batch_mean, per_sample; got {space!r}.")
+
+
+def _disagreeing_teachers(
+    x: torch.Tensor, y: torch.Tensor, num_teachers: int, label_noise: float, seed: int, log: Callable[[str], None]
+) -> list[nn.Module]:
+    """M teachers; teacher m learns from labels with ``label_noise`` of its own classes
+    (``m, m + M, ...``) replaced by a random other class."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    teachers = []
+    for m in range(num_teachers):
+        group = list(range(m, 10, num_teachers))
+        noisy = corrupt_labels(y, group, label_noise, 10, gen)
+        teachers.append(_train_teacher(x, noisy, seed=seed * 100 + m))
+        log(f"teacher {m}: trained with {label_noise:.0%} label noise on classes {group}")
+    return teachers
 
 
 def _distil(
