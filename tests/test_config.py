@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,29 @@ def test_old_sweep_keys_and_old_keys_in_overrides(tmp_path, capsys):
     assert "trial_cpus is renamed trials.cpus" in err
     assert "max_concurrent_trials is renamed trials.max_concurrent" in err
     assert "overrides.workers.cpus_per_worker is renamed overrides.workers.cpus" in err
+
+
+def test_quickstart_teachers_saved_under_the_old_key_names_are_reused(tmp_path):
+    """A quickstart folder from before the resource keys were renamed keeps its teachers."""
+    from ray_aekd.cli.quickstart import TEACHERS, _reusable_teachers, teachers_config
+
+    config = teachers_config(tmp_path, epochs=30, seed=0)
+    folder = Path(config.output_dir)
+    folder.mkdir()
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))
+    saved["resources"] = {  # what config.json held before: resources.*_per_teacher, no trials section
+        "cpus_per_teacher": saved["trials"].pop("cpus"),
+        "gpus_per_teacher": saved["trials"].pop("gpus"),
+        "max_failures": saved["trials"].pop("max_failures"),
+    }
+    assert not saved["trials"], saved["trials"]
+    del saved["trials"]
+    (folder / "config.json").write_text(json.dumps(saved))
+    (folder / "summary.json").write_text(json.dumps({"teachers": {}, "ensemble_acc1": 0.9}))
+    for teacher in TEACHERS:
+        (folder / teacher["name"]).mkdir()
+        (folder / teacher["name"] / "metadata.json").write_text("{}")
+    assert _reusable_teachers(config) == {"teachers": {}, "ensemble_acc1": 0.9}
+    saved["seed"] = 1  # other settings: trained again
+    (folder / "config.json").write_text(json.dumps(saved))
+    assert _reusable_teachers(config) is None

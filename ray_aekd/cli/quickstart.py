@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_aekd._console import LOG_FILE, capture_logs
-from ray_aekd.config import DistillConfig, TeachersConfig, from_dict
+from ray_aekd.config import ConfigError, DistillConfig, TeachersConfig, canonicalize, from_dict
 from ray_aekd.distributed.distill import DistillResult, distill
 from ray_aekd.distributed.session import connect
 from ray_aekd.distributed.teachers import TeachersResult, train_teachers
@@ -88,7 +88,10 @@ def _reusable_teachers(config: TeachersConfig) -> dict[str, Any] | None:
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if saved != json.loads(json.dumps(dataclasses.asdict(config))):
+    try:  # a folder saved under older key names (resources.cpus_per_teacher, ...) still matches
+        if from_dict(TeachersConfig, canonicalize(TeachersConfig, saved, warn=False)) != config:
+            return None
+    except ConfigError:
         return None
     if not all((folder / t["name"] / "metadata.json").exists() for t in TEACHERS):
         return None
