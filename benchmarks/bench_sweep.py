@@ -284,9 +284,13 @@ def main() -> int:
     add("--batch-size", type=int, default=64, help="training batch (default 64)")
     add("--concurrency", type=int, default=2, help="trials.max_concurrent of both sweeps (default 2)")
     add("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 3 x concurrency)")
-    add("--uncached-mode", choices=("stream", "auto"), default="stream",
+    add(
+        "--uncached-mode",
+        choices=("stream", "auto"),
+        default="stream",
         help="cache.mode of the uncached sweep's trials: stream (teachers every epoch, the baseline) or auto "
-        "(each trial runs them once per view and keeps the views in memory)")
+        "(each trial runs them once per view and keeps the views in memory)",
+    )
     add("--order", choices=("cached-first", "uncached-first"), default="cached-first", help="which sweep runs first")
     add("--data-dir", type=Path, default=Path("/tmp/cifar10-jpg"), help="where the tarball is (or gets) extracted")
     add("--tarball", type=Path, default=bench_pipeline.TARBALL, help="CIFAR-10 training JPEGs, train/<class>/*.jpg")

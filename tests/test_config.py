@@ -50,8 +50,11 @@ GOOD_TEACHERS = "teachers:\n  - {name: a, model: digits_mlp}\n"
         (GOOD_TEACHERS, ["trials.gpus=-1"], r"trials.gpus: got -1.0"),
         (GOOD_TEACHERS, ["trials.max_failures=-2"], r"trials.max_failures: got -2; allowed: an integer >= 0, or"),
         (GOOD_TEACHERS, ["trials.max_failures=1.5"], r"trials.max_failures: got 1.5; allowed: an integer"),
-        (GOOD_TEACHERS + "resources: {cpus_per_teacher: 1}\ntrials: {cpus: 2}\n", [],
-         r"resources.cpus_per_teacher and trials.cpus: both given"),
+        (
+            GOOD_TEACHERS + "resources: {cpus_per_teacher: 1}\ntrials: {cpus: 2}\n",
+            [],
+            r"resources.cpus_per_teacher and trials.cpus: both given",
+        ),
         (GOOD_TEACHERS, ["faults.kill_teacher=z"], r"faults.kill_teacher: got 'z'; allowed: one of the teachers \(a\)"),
         (
             GOOD_TEACHERS,

@@ -265,10 +265,14 @@ def test_evaluate_refuses_a_model_for_other_classes(own_models, tmp_path, capsys
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "nowhere.pt2", "--data", "digits"],
-         "--model: exported program nowhere.pt2: the path does not exist"),
-        (["--model", "w.pth", "--data", "digits"],
-         "--model: got 'w.pth', a weights file; allowed: a weights file with --arch"),
+        (
+            ["--model", "nowhere.pt2", "--data", "digits"],
+            "--model: exported program nowhere.pt2: the path does not exist",
+        ),
+        (
+            ["--model", "w.pth", "--data", "digits"],
+            "--model: got 'w.pth', a weights file; allowed: a weights file with --arch",
+        ),
         (["--model", "x", "--data", "mnist"], "--data: got 'mnist'; allowed: digits, cifar10:ROOT"),
         (["--model", "x", "--data", "cifar10:/nowhere"], "--data: data.path: cifar10 was not found under"),
         (["--model", "x", "--data", "digits", "--mean", "0.5"], "--mean/--std: give both"),

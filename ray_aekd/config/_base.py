@@ -272,14 +272,14 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     Renamed keys load under their new names (with a warning)."""
     where = prefix or "config"
     if not isinstance(data, dict):
-        fields = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
-        raise ConfigError(f"{where}: got {data!r}; allowed: a mapping of {fields}.")
+        names = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        raise ConfigError(f"{where}: got {data!r}; allowed: a mapping of {names}.")
     data = _rename_level(cls, data, f"{prefix}." if prefix else "", warn=True)  # sections: in their own call
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}.")
-    hints = _hints(cls)
+    hints = _hints(typing.cast(Any, cls))
     values = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name

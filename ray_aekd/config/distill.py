@@ -114,7 +114,8 @@ class DistillTeacher:
     def with_location(self, location: str) -> DistillTeacher:
         """This teacher with its file, folder or URI replaced (resolved paths, downloaded MLflow models)."""
         kind = self.source_kind
-        return dataclasses.replace(self, **{"weights" if kind == "model" else kind: location})
+        changes: dict[str, Any] = {"weights" if kind == "model" else kind: location}
+        return dataclasses.replace(self, **changes)
 
     def source(self) -> ModelSource:
         from ray_aekd.models.sources import ModelSource  # torch: only where the model is loaded

@@ -76,7 +76,8 @@ class TeacherFaultsConfig:
 
 
 class _WithFaultsProtocol(Protocol):
-    faults: Any
+    @property
+    def faults(self) -> Any: ...
 
     def validate(self, prefix: str) -> None: ...
 

@@ -191,7 +191,7 @@ def _yaml(value: Any) -> str:
     return str(value)
 
 
-def _section_of(tp: Any) -> tuple[type | None, bool]:
+def _section_of(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
@@ -201,7 +201,7 @@ def _section_of(tp: Any) -> tuple[type | None, bool]:
 
 def _rows(cls: type, prefix: str = "", parent: Any = None) -> list[str]:
     hints, comments, rows = typing.get_type_hints(cls), _comments(cls), []
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for field in dataclasses.fields(cls):
         key, tp = f"{prefix}{field.name}", hints[field.name]
         section, many = _section_of(tp)
         what = comments.get(field.name, "")
@@ -227,7 +227,7 @@ def _renamed_rows() -> list[str]:
                 seen.add(row)
                 rows.append(row)
         hints = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for field in dataclasses.fields(cls):
             section, many = _section_of(hints[field.name])
             if section is not None:
                 walk(section, f"{prefix}{field.name}.{'<i>.' if many else ''}", config)

@@ -366,7 +366,7 @@ def _soft_labels(run: _Run, log: Callable[[str], None]) -> _Labels:
     fault = None
     if faults.kill_teacher is not None:
         fault = TeacherFault(faults.kill_teacher, faults.kill_teacher_batch, str(run.run_dir / "faults"))
-    clock = ViewClock.remote()  # the epoch for the views, and the teachers' forward-pass counts
+    clock = ViewClock.remote()  # type: ignore[attr-defined]  # the epoch for the views, and the teachers' forward-pass counts
     # a seeded permutation: splits (and image folders) are sorted, often by class, and the
     # workers' local shuffle buffer only mixes a few batches
     train_idx = run.train_idx
@@ -410,13 +410,13 @@ def _trainer(
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
+        scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             num_workers=0 if local else workers.num_workers,
             use_gpu=workers.use_gpu,
             resources_per_worker=resources,
             label_selector=workers.label_selector or None,
         ),
-        run_config=ray.train.RunConfig(
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
             name=config.name,
             storage_path=train_storage(config),
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
@@ -634,7 +634,7 @@ class SoftLabelData:
             if view == VAL_VIEW:  # with a view column, as the training views it is kept with
                 fixed = {"view": VAL_VIEW, "augment": False, "seed": seed, "pad": 0, "flip": False}
                 val = cached_dataset(self.source, indices.numpy(), self.cache, names, "val")
-                return val.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy")
+                return val.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy")  # type: ignore[arg-type]
             return cached_dataset(self.source, indices.numpy(), self.cache, names, "train", clock, seed, views,
                                   view=view if augment else None)  # fmt: skip
         return distill_dataset(

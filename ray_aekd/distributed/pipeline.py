@@ -265,14 +265,14 @@ def distill_dataset(
     pad, flip = view_settings(source)
     if clock is not None:
         dataset = dataset.map_batches(
-            apply_view,
+            apply_view,  # type: ignore[arg-type]
             fn_kwargs={"clock": clock, "seed": seed, "pad": pad, "flip": flip, "views": views},
             batch_format="numpy",
             num_cpus=_TASK_CPUS,
         )
     elif view is not None:
         fixed = {"view": view, "augment": augment, "seed": seed, "pad": pad, "flip": flip}
-        dataset = dataset.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy", num_cpus=_TASK_CPUS)
+        dataset = dataset.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy", num_cpus=_TASK_CPUS)  # type: ignore[arg-type]
     return add_teacher_stages(dataset, teachers, counter, fault)
 
 
@@ -286,7 +286,7 @@ def add_teacher_stages(
     for spec in teachers:
         if spec.stage == "tasks":
             dataset = dataset.map_batches(
-                _teacher_task,
+                _teacher_task,  # type: ignore[arg-type]
                 fn_kwargs={"spec": spec, "counter": counter, "fault": fault},
                 num_cpus=spec.num_cpus,
                 batch_size=spec.batch_size,

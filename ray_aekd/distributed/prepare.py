@@ -144,7 +144,9 @@ def teacher_facts(teacher: DistillTeacher, source: ImageSource, key: str) -> Loa
     """``load_teacher``, kept per process for the file as it is now (size and mtime), so the
     driver's checks and ``stage_specs`` load each teacher once."""
     path = Path(teacher.location)
-    stamp = (path.stat().st_size, path.stat().st_mtime_ns) if "://" not in teacher.location and path.exists() else None
+    stamp: tuple[Any, ...] | None = None  # what the file or folder was when loaded: sizes and times
+    if "://" not in teacher.location and path.exists():
+        stamp = (path.stat().st_size, path.stat().st_mtime_ns)
     if path.is_dir():
         stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
     cache_key = (teacher.source(), stamp, source.num_classes, source.input_shape, source.mean, source.std)

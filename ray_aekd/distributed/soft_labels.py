@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
+from ray.data import SaveMode
 
 from ray_aekd import __version__
 from ray_aekd.config import DistillConfig
@@ -142,7 +143,8 @@ def _differences(manifest: dict[str, Any], identity: dict[str, Any]) -> list[str
         have = manifest.get(key)
         if have != want:
             if key == "teachers":
-                names = [t["name"] for t in have or []]
+                have = have or []
+                names = [t["name"] for t in have]
                 if names != [t["name"] for t in want]:
                     out.append(f"teachers {names} (this run: {[t['name'] for t in want]})")
                 else:
@@ -280,12 +282,12 @@ def _write_logits(
     context.enable_progress_bars = False  # a line at the start and one at the end say what happens
     context.print_on_execution_start = False
     names = [s.name for s in stages]
-    counter = ViewClock.remote()
+    counter = ViewClock.remote()  # type: ignore[attr-defined]
     pad, flip = view_settings(source)
     order = train_idx.sort().values.numpy()
     parts = [
         to_ray_dataset(source, order, num_cpus=_TASK_CPUS).map_batches(
-            fixed_view,
+            fixed_view,  # type: ignore[arg-type]
             fn_kwargs={"view": v, "augment": config.data.augment, "seed": config.seed, "pad": pad, "flip": flip},
             batch_format="numpy",
             num_cpus=_TASK_CPUS,
@@ -294,20 +296,20 @@ def _write_logits(
     ]
     train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     train = add_teacher_stages(train, stages, counter).map_batches(
-        _cache_rows,
+        _cache_rows,  # type: ignore[arg-type]
         fn_kwargs={"names": names, "dtype": config.cache.dtype, "with_view": True},
         batch_format="numpy",
         num_cpus=_TASK_CPUS,
     )
-    train.write_parquet(_join(uri, "train"), partition_cols=["view"], mode="overwrite")
+    train.write_parquet(_join(uri, "train"), partition_cols=["view"], mode=SaveMode.OVERWRITE)
     val = add_teacher_stages(to_ray_dataset(source, val_idx.sort().values.numpy()), stages, counter)
     val = val.map_batches(
-        _cache_rows,
+        _cache_rows,  # type: ignore[arg-type]
         fn_kwargs={"names": names, "dtype": config.cache.dtype, "with_view": False},
         batch_format="numpy",
         num_cpus=_TASK_CPUS,
     )
-    val.write_parquet(_join(uri, "val"), mode="overwrite")
+    val.write_parquet(_join(uri, "val"), mode=SaveMode.OVERWRITE)
     forwards = ray.get(counter.forwards.remote())
     ray.kill(counter)
     return forwards
@@ -390,12 +392,12 @@ def cached_dataset(
         pad, flip = view_settings(source)
         if clock is not None:
             fn_kwargs = {"clock": clock, "seed": seed, "pad": pad, "flip": flip, "views": views}
-            dataset = dataset.map_batches(apply_view, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=_TASK_CPUS)
+            dataset = dataset.map_batches(apply_view, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=_TASK_CPUS)  # type: ignore[arg-type]
         else:
             fixed = {"view": view or 0, "augment": view is not None, "seed": seed, "pad": pad, "flip": flip}
-            dataset = dataset.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy", num_cpus=_TASK_CPUS)
+            dataset = dataset.map_batches(fixed_view, fn_kwargs=fixed, batch_format="numpy", num_cpus=_TASK_CPUS)  # type: ignore[arg-type]
     return dataset.map_batches(
-        _lookup_logits,
+        _lookup_logits,  # type: ignore[arg-type]
         fn_kwargs={"uri": uri, "names": list(names), "split": split},
         batch_format="numpy",
         num_cpus=_TASK_CPUS,

@@ -337,7 +337,8 @@ def _fit_teachers(
         ),
     )
     results = tuner.fit()
-    errors = [(names[r.config["teacher"]], r.error) for r in results if r.error is not None]
+    trials = [results[i] for i in range(len(results))]
+    errors = [(names[(r.config or {})["teacher"]], r.error) for r in trials if r.error is not None]
     if errors:
         raise RuntimeError(
             f"{len(errors)} teacher(s) failed ({', '.join(n for n, _ in errors)}; trials.max_failures = "

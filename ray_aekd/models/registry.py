@@ -106,8 +106,8 @@ def _timm_spec(name: str) -> ModelSpec:
         import timm
     except ImportError:
         raise ValueError(
-            f"{name!r} needs timm, which is not installed; install the extra: pip install \"ray-aekd[timm]\" "
-            "(or pip install -e \".[timm]\" in a checkout)."
+            f'{name!r} needs timm, which is not installed; install the extra: pip install "ray-aekd[timm]" '
+            '(or pip install -e ".[timm]" in a checkout).'
         ) from None
     arch = name[len(TIMM_PREFIX) :]
     if not timm.is_model(arch):

@@ -253,7 +253,14 @@ class RunLogger:
         self._call(
             "the model",
             lambda: log_student_model(
-                self.uri, self.run_id, model, name, input_example, registered_model_name, signature, metadata  # type: ignore[arg-type]
+                self.uri,
+                self.run_id,
+                model,
+                name,
+                input_example,
+                registered_model_name,
+                signature,
+                metadata,  # type: ignore[arg-type]
             ),
         )
 
