@@ -254,13 +254,13 @@ class RunLogger:
             "the model",
             lambda: log_student_model(
                 self.uri,
-                self.run_id,
+                self.run_id,  # type: ignore[arg-type]
                 model,
                 name,
                 input_example,
                 registered_model_name,
                 signature,
-                metadata,  # type: ignore[arg-type]
+                metadata,
             ),
         )
 
