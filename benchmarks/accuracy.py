@@ -299,8 +299,8 @@ def sweep_settings(scenario: Scenario, folder: Path) -> dict[str, Any]:
 def tune_tolerance(scenario: Scenario, base: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Sweep C for AE-KD on the tuning split (seed 0); returns the best C and every trial's score."""
     from ray_aekd.config import from_dict
+    from ray_aekd.config.sweep import SweepConfig
     from ray_aekd.distributed.sweep import run_sweep
-    from ray_aekd.distributed.sweep_space import SweepConfig
 
     sweep_data = sweep_settings(scenario, folder)
     key = _fingerprint([sweep_data, base])

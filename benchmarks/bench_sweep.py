@@ -189,9 +189,9 @@ def trial_details(sweep_dir: Path, trial: dict[str, Any]) -> dict[str, Any]:
 
 def run_one(mode: str, sweep_file: Path) -> dict[str, Any]:
     """Run one sweep config; its wall time, counted passes and trials (or the error)."""
+    from ray_aekd.config.sweep import load_sweep
     from ray_aekd.distributed.soft_labels import read_manifest
     from ray_aekd.distributed.sweep import run_sweep
-    from ray_aekd.distributed.sweep_space import load_sweep
 
     sweep, base = load_sweep(sweep_file)
     sweep_dir = Path(sweep.output_dir) / sweep.name

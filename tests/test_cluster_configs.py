@@ -28,9 +28,9 @@ from ray._private.label_utils import validate_node_labels
 
 from ray_aekd.cli import build_parser
 from ray_aekd.config import DistillConfig, TeachersConfig, load_config
+from ray_aekd.config.sweep import load_sweep
 from ray_aekd.distributed.prepare import demand_totals, run_demands
 from ray_aekd.distributed.session import Demand, check_demands
-from ray_aekd.distributed.sweep_space import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -12,8 +12,8 @@ from conftest import teacher_overrides
 from mlflow.tracking import MlflowClient
 
 from ray_aekd.cli import main
+from ray_aekd.config.sweep import load_sweep
 from ray_aekd.distributed.sweep import run_sweep
-from ray_aekd.distributed.sweep_space import load_sweep
 from ray_aekd.models.checkpoint import load_checkpoint
 
 # end to end on Ray: `pytest -m "not slow"` leaves it out (CONTRIBUTING.md)

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from ray_aekd.config import ConfigError
-from ray_aekd.distributed.sweep_space import apply_values, load_sweep, parse_space
+from ray_aekd.config.sweep import apply_values, load_sweep, parse_space
 
 BASE = {
     "name": "base",

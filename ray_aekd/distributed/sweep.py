@@ -4,7 +4,7 @@ One trial is one distillation run (``ray_aekd.distill.distill``) inside a Tune f
 trainable: it builds a ``TorchTrainer`` and reports every epoch to Tune through
 ``TuneReportCallback``, so ASHA can stop weak trials early. The sweep:
 
-1. checks the sweep config, its base config and the whole search space (``sweep_space``),
+1. checks the sweep config, its base config and the whole search space (``ray_aekd.config.sweep``),
    and the cluster, before anything is scheduled;
 2. with ``soft_label_cache: true``, runs the teachers once (``ray-aekd relabel``; kept when
    it is already there for the same teachers and data) so that no trial runs a teacher;
