@@ -48,11 +48,14 @@ _PUBLIC = {
     "DistillConfig": "ray_aekd.config",
     "TeachersConfig": "ray_aekd.config",
     "load_config": "ray_aekd.config",
+    "SweepConfig": "ray_aekd.config.sweep",
+    "load_sweep": "ray_aekd.config.sweep",
     # runs on Ray
     "distill": "ray_aekd.distributed.distill",
     "train_teachers": "ray_aekd.distributed.teachers",
     "relabel": "ray_aekd.distributed.soft_labels",
     "run_sweep": "ray_aekd.distributed.sweep",
+    "sweep_from_file": "ray_aekd.distributed.sweep",
     # MLflow and reports
     "evaluate_model": "ray_aekd.tracking.evaluate",
     "compare": "ray_aekd.tracking.compare",

@@ -101,3 +101,13 @@ def test_a_sweeps_stopped_children_get_their_missing_epochs_and_are_marked_kille
     other = client.get_run(finished)
     assert other.info.status == "FINISHED" and STOPPED_EARLY_TAG not in other.data.tags
     assert client.get_run(parent).info.status == "RUNNING"
+
+
+def test_a_sweep_that_cannot_close_its_stopped_trials_says_so(tmp_path):
+    """Marking stopped trials KILLED is best effort, but a failure is a warning, not silence."""
+    from ray_aekd.distributed.sweep import _close_children
+
+    lines: list[str] = []
+    _close_children(f"sqlite:///{tmp_path / 'mlflow.db'}", "no-such-parent-run", None, lines.append)
+    assert len(lines) == 1 and lines[0].startswith("warning: could not mark the stopped trials' MLflow runs KILLED")
+    assert "no-such-parent-run" in lines[0]

@@ -20,7 +20,6 @@ A sweep that is run again is a new sweep (new trial names); finished trials are 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -200,7 +199,7 @@ def _run_sweep(sweep: SweepConfig, base: dict[str, Any], log: Callable[[str], No
         status = "FINISHED"
     finally:
         if parent_id is not None:
-            _close_children(uri, parent_id, grid)
+            _close_children(uri, parent_id, grid, log)
             if status == "FAILED":
                 _terminate(uri, parent_id, status, log)
     trials = _trial_rows(grid, sweep, trials_dir)
@@ -448,12 +447,18 @@ def _open_parent(sweep: SweepConfig, config: DistillConfig, uri: str, log: Calla
         return None
 
 
-def _close_children(uri: str, parent_id: str, grid: Any) -> None:
+def _close_children(uri: str, parent_id: str, grid: Any, log: Callable[[str], None]) -> None:
     """Children still RUNNING were stopped by the scheduler (or died with their trial): mark
     them KILLED, and give them the epochs Tune saw that rank 0 had no time to log (it logs
-    after each report, and a stopped trial is killed right after one)."""
-    with contextlib.suppress(Exception):  # best effort: the runs are still there, only their status is stale
+    after each report, and a stopped trial is killed right after one). A failure is a warning:
+    the runs and their metrics are there, only the status of stopped ones stays RUNNING."""
+    try:
         close_stopped_children(uri, parent_id, _reported_epochs(grid))
+    except Exception as error:  # an unreachable tracking server must not fail a finished sweep
+        log(
+            f"warning: could not mark the stopped trials' MLflow runs KILLED ({type(error).__name__}: {error}); "
+            "they stay RUNNING in MLflow."
+        )
 
 
 def _reported_epochs(grid: Any) -> dict[str, list[dict[str, Any]]]:
