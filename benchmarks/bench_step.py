@@ -1,9 +1,9 @@
 """Time one distillation training step: averaged KD, AE-KD as built here, and AE-KD as the
 authors' code does it; then the weight solver alone against scikit-learn's OneClassSVM.
 
-    python benchmarks/bench_step.py [--repeats 15] [--solver-repeats 200]
+    python benchmarks/bench_step.py [--repeats 15] [--solver-repeats 200] [--json PATH]
 
-Prints one JSON object on stdout (progress goes to stderr). Variants are timed
+Prints one JSON object on stdout, and writes it to PATH with --json (progress goes to stderr). Variants are timed
 round-robin, one call each in turn, so that drift on a shared machine hits all of them
 alike; times are medians and ratios are medians of the per-round ratios. The inputs are
 synthetic tensors: this measures speed only.
@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=25, help="timed steps per variant")
     parser.add_argument("--solver-repeats", type=int, default=200, help="timed solves per solver and M")
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
     # the solvers first: after heavy multi-threaded steps, spinning intra-op threads slow
@@ -178,7 +180,11 @@ def main() -> None:
         },
         "solver": solver,
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
 
 
 if __name__ == "__main__":
