@@ -448,7 +448,7 @@ def _add_upload(commands: Any) -> None:
 def _add_quickstart(commands: Any) -> None:
     quickstart = commands.add_parser(
         "quickstart",
-        help="train 3 teachers on the bundled digits, distil a student with average and AE-KD, compare (~3 min)",
+        help="train 3 teachers on the bundled digits, distil a student with average and AE-KD, compare (~1 min)",
         description="The whole product on one machine with no network: three disagreeing teachers on "
         "scikit-learn's digits (reused if already trained), a student distilled on Ray with average and with "
         "AE-KD weighting, both logged to MLflow, and a side-by-side table.",
