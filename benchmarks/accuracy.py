@@ -55,6 +55,7 @@ import importlib
 import json
 import math
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -488,7 +489,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Mean ± sample standard deviation over {n} seeds ({', '.join(map(str, result['seeds']))})."]
     took = result["compute_seconds"]
     lines.append(
-        f"Wall time on this machine: {took['total'] / 60:.0f} min in all: teachers {took['teachers']:.0f} s, "
+        f"Wall time ({os.cpu_count()} CPU cores, {platform.machine()}): {took['total'] / 60:.0f} min in all: "
+        f"teachers {took['teachers']:.0f} s, "
         f"tuning sweep {took['sweep']:.0f} s, soft labels {took['relabel']:.0f} s, students {took['students']:.0f} s."
     )
     if result.get("best_same_as"):

@@ -30,7 +30,7 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def environment() -> dict[str, str | None]:
-    """``{"ray_aekd": "0.1.0", "python": "3.11.7", "torch": ..., "git_commit": sha or None,
+    """``{"ray_aekd": "0.2.0", "python": "3.11.7", "torch": ..., "git_commit": sha or None,
     "git_dirty": "true"/"false" or None, "platform": ...}``."""
     out: dict[str, str | None] = {"ray_aekd": __version__, "python": platform.python_version()}
     for name in _LIBRARIES:
