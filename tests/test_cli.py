@@ -51,7 +51,10 @@ def _messages(stderr: str) -> list[str]:
 @pytest.mark.parametrize(("command", "config"), CONFIG_COMMANDS.items())
 def test_check_accepts_a_good_config_without_torch_or_ray(command, config, tmp_path):
     path = CONFIGS / config
-    proc = _run(command, "--config", str(path), "--check", "--set", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    sets = ["--set", f"output_dir={tmp_path / 'out'}"]
+    if command == "relabel":  # relabel writes the cache: it needs cache.path
+        sets += ["--set", f"cache.path={tmp_path / 'cache'}", "--set", "data.views=2"]
+    proc = _run(command, "--config", str(path), "--check", *sets, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == f"config OK: {path}\n"
     assert not _imported(proc.stderr) & set(HEAVY), sorted(_imported(proc.stderr) & set(HEAVY))
@@ -69,6 +72,15 @@ def test_check_refuses_a_bad_config_naming_the_key_without_torch(tmp_path):
     proc = _run("distill", "--config", str(CONFIGS / "distill_smoke.yaml"), "--check", "--set", "data.dataset=mnist")
     assert proc.returncode == 2
     assert "data.dataset: got 'mnist'; allowed: digits, cifar10, cifar100, imagefolder." in proc.stderr
+
+
+def test_relabel_check_refuses_a_config_without_cache_path_as_the_run_does(tmp_path):
+    proc = _run("relabel", "--config", str(CONFIGS / "distill_smoke.yaml"), "--check", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert _messages(proc.stderr) == [
+        "ray-aekd relabel: error: cache.path: got None; allowed: a folder or URI to write the soft-label cache to."
+    ]
+    assert not _imported(proc.stderr) & set(HEAVY)
 
 
 def test_check_with_an_old_key_warns_once_and_passes(tmp_path):

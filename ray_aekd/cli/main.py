@@ -99,6 +99,8 @@ def _relabel(args: argparse.Namespace) -> int:
     from ray_aekd.config import DistillConfig, load_config
 
     def checks(config: DistillConfig) -> None:
+        if config.cache.path is None:  # as the run says (distributed/soft_labels.py), before torch
+            raise ValueError("cache.path: got None; allowed: a folder or URI to write the soft-label cache to.")
         check_outputs(args, [("cache.path", config.cache.path)], None, tracks=False)
 
     config = config_command(args, lambda: load_config(DistillConfig, args.config, args.set), checks)
