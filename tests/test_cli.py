@@ -282,6 +282,40 @@ def test_the_cli_refuses_relative_outputs_in_a_job_copy_before_any_ray_work(tmp_
     assert not any(job.iterdir())
 
 
+def _json_commands(out: Path) -> dict[str, list[str]]:
+    """Each command with ``--json``, with every other output outside the job copy (under ``out``)."""
+    fine = ["--output-dir", str(out), "--tracking-uri", f"sqlite:///{out}/mlflow.db"]
+    smoke = str(CONFIGS / "distill_smoke.yaml")
+    return {
+        "demo": ["demo"],
+        "teachers": ["teachers", "--config", str(CONFIGS / "teachers_smoke.yaml"), "--check", *fine],
+        "distill": ["distill", "--config", smoke, "--check", *fine],
+        "relabel": ["relabel", "--config", smoke, "--check", "--set", f"cache.path={out}/c", "--set", "data.views=2"],
+        "sweep": ["sweep", "--config", str(CONFIGS / "sweep_smoke.yaml"), "--check", *fine],
+        "compare": ["compare", *fine],
+        "evaluate": ["evaluate", "--model", str(out / "student"), "--data", "digits"],
+        "quickstart": ["quickstart", *fine],
+    }
+
+
+def test_every_command_with_json_is_in_this_test():
+    flags = _flags(cli.build_parser())
+    assert {name for name, have in flags.items() if "--json" in have} == set(_json_commands(Path("/x")))
+
+
+@pytest.mark.parametrize("command", list(_json_commands(Path("/x"))))
+def test_a_relative_json_path_in_a_job_copy_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    job = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job.mkdir(parents=True)
+    monkeypatch.chdir(job)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main([*_json_commands(tmp_path / "out")[command], "--json", "result.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ray-aekd {command}: error: --json: got 'result.json'; this command runs in Ray's"), err
+    assert "e.g. --json /mnt/shared/..." in err and err.count("\n") == 1
+    assert not any(job.iterdir()) and not (tmp_path / "out").exists()
+
+
 # --- no silent failure in the entry layer ---------------------------------------------------------
 
 

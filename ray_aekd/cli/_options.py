@@ -162,7 +162,10 @@ def check_outputs(
     args: argparse.Namespace, outputs: list[tuple[str, str | None]], config_uri: str | None, tracks: bool = True
 ) -> None:
     """Refuse output locations that a Ray job's working-directory copy would take with it
-    (``ray_aekd._locations``). ``outputs``: ``(key, location)``."""
+    (``ray_aekd._locations``). ``outputs``: ``(key, location)``; ``--json PATH`` is one too."""
+    target = getattr(args, "json", None)
+    if target not in (None, _STDOUT):
+        outputs = [*outputs, ("--json", target)]
     located = [(key, value, _fix(key)) for key, value in outputs]
     check_outputs_survive(located, tracking_source(args, config_uri) if tracks else None)
 

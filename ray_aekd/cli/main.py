@@ -45,6 +45,7 @@ _SWEEP_KEYS = {
 
 
 def _demo(args: argparse.Namespace) -> int:
+    check_outputs(args, [], None, tracks=False)  # --json PATH
     from ray_aekd.cli.demo import run_demo
 
     with json_stdout(args):
