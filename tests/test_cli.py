@@ -145,11 +145,12 @@ def test_every_command_shares_the_common_flags():
     flags = _flags(cli.build_parser())
     for command in CONFIG_COMMANDS:
         assert {"--config", "--set", "--check", "--print-config", "--json"} <= flags[command], command
-    for command in ("teachers", "distill", "sweep", "compare", "evaluate", "quickstart", "upload"):
+    for command in ("teachers", "distill", "relabel", "sweep", "compare", "evaluate", "quickstart", "upload"):
         assert "--tracking-uri" in flags[command], command
     for command in ("teachers", "distill", "sweep", "compare", "quickstart"):
         assert "--output-dir" in flags[command], command
-    for command in ("demo", "teachers", "distill", "relabel", "sweep", "compare", "evaluate", "quickstart"):
+    for command in ("demo", "teachers", "distill", "relabel", "sweep", "compare", "evaluate", "quickstart", "upload",
+                    "export"):  # fmt: skip
         assert "--json" in flags[command], command
     assert all("--verbose" in f for f in flags.values())
 
@@ -167,6 +168,47 @@ def test_json_alone_prints_only_json_on_stdout(capsys, tmp_path):
     write_json(args, {"acc1": 0.5})
     assert capsys.readouterr().out == "summary\n"
     assert json.loads((tmp_path / "r.json").read_text()) == {"acc1": 0.5}
+
+
+def test_relabel_tracking_uri_sets_the_config_key_that_mlflow_teachers_load_from(capsys):
+    smoke = str(CONFIGS / "distill_smoke.yaml")
+    assert cli.main(["relabel", "--config", smoke, "--print-config", "--tracking-uri", "http://head:5000"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["tracking"]["uri"] == "http://head:5000"
+
+
+def test_export_json_gives_path_format_and_input_shape(digits_teachers, tmp_path, capsys):
+    output = tmp_path / "cnn.pt2"
+    assert cli.main(["export", "--model", digits_teachers["cnn_a"], "--output", str(output), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and output.is_file()
+    assert json.loads(out) == {
+        "path": str(output), "format": "pt2", "input_shape": [1, 8, 8], "num_classes": 10,
+        "preprocess": json.loads(out)["preprocess"],
+    }  # fmt: skip
+    assert cli.main(["export", "--model", digits_teachers["cnn_a"], "--output", str(output)]) == 0
+    assert capsys.readouterr().out.startswith("exported ")  # without --json: the sentence
+
+
+def test_upload_json_gives_the_run_id_and_the_tracking_uri(tmp_path, monkeypatch, capsys):
+    from ray_aekd.tracking import upload
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "mlflow_tracking_uri").write_text("http://head:5000\n")
+    calls = []
+
+    def fake_upload(path, tracking_uri=None, log=print):
+        calls.append((path, tracking_uri))
+        print("uploaded ...")  # progress: to stderr under --json
+        return "abc123"
+
+    monkeypatch.setattr(upload, "upload", fake_upload)
+    assert cli.main(["upload", str(run_dir), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"run_id": "abc123", "tracking_uri": "http://head:5000"} and "uploaded" in err
+    assert cli.main(["upload", str(run_dir), "--tracking-uri", "sqlite:////x/m.db", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tracking_uri"] == "sqlite:////x/m.db"
+    assert calls == [(str(run_dir), None), (str(run_dir), "sqlite:////x/m.db")]
 
 
 # --- compare never makes a store ------------------------------------------------------------------
@@ -295,6 +337,8 @@ def _json_commands(out: Path) -> dict[str, list[str]]:
         "compare": ["compare", *fine],
         "evaluate": ["evaluate", "--model", str(out / "student"), "--data", "digits"],
         "quickstart": ["quickstart", *fine],
+        "export": ["export", "--model", str(out / "student"), "--output", str(out / "student.pt2")],
+        "upload": ["upload", str(out / "run")],
     }
 
 

@@ -104,7 +104,8 @@ def _relabel(args: argparse.Namespace) -> int:
             raise ValueError("cache.path: got None; allowed: a folder or URI to write the soft-label cache to.")
         check_outputs(args, [("cache.path", config.cache.path)], None, tracks=False)
 
-    config = config_command(args, lambda: load_config(DistillConfig, args.config, args.set), checks)
+    load = lambda: load_config(DistillConfig, args.config, overrides(args, {"tracking_uri": "tracking.uri"}))  # noqa: E731
+    config = config_command(args, load, checks)
     if config is None:
         return 0
     from ray_aekd.distributed.soft_labels import relabel
@@ -237,12 +238,17 @@ def _write_predictions(path: str, data: Any, predictions: list[int]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_outputs(args, [], None, tracks=False)  # --json PATH
     from ray_aekd.tracking.evaluate import export_model, open_eval_data, parse_model
 
     source = parse_model(args.model, args.arch, _preprocess_args(args))
     data = open_eval_data(args.data, size=args.image_size) if args.data else None
     path, meta = export_model(source, args.output, data)
     shape = "x".join(map(str, meta["input_shape"]))
+    result = {"path": str(path), "format": args.format, "input_shape": list(meta["input_shape"])}
+    write_json(args, result | {"num_classes": meta["num_classes"], "preprocess": meta["preprocess"]})
+    if args.json == "-":
+        return 0
     print(
         f"exported {source.describe()} to {path}: a torch.export program, float32 [N, {shape.replace('x', ', ')}] "
         f"images in [0, 1] -> logits [N, {meta['num_classes']}], preprocessing inside "
@@ -252,9 +258,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from ray_aekd.tracking.upload import upload
+    check_outputs(args, [], None, tracks=False)  # --json PATH
+    from ray_aekd.tracking.upload import upload, upload_tracking_uri
 
-    upload(args.run_dir, tracking_uri=args.tracking_uri)
+    with json_stdout(args):
+        run_id = upload(args.run_dir, tracking_uri=args.tracking_uri)
+    write_json(args, {"run_id": run_id, "tracking_uri": upload_tracking_uri(args.run_dir, args.tracking_uri)})
     return 0
 
 
@@ -338,6 +347,7 @@ def _add_relabel(commands: Any) -> None:
     )
     add_config_flags(relabel, "tune_configs/distill_digits.yaml --set cache.path=runs/cache --set data.views=4")
     relabel.add_argument("--overwrite", action="store_true", help="replace a cache made for other settings")
+    add_tracking_flags(relabel, experiment=None)  # where mlflow: teachers load from; relabel logs no run
     add_json_flag(relabel, "the cache's manifest")
     relabel.set_defaults(run=_relabel)
 
@@ -429,6 +439,7 @@ def _add_export(commands: Any) -> None:
     export.add_argument(
         "--data", help="the data the model is for (as evaluate's --data); needed unless --model is a checkpoint"
     )
+    add_json_flag(export, "the program's path, format and input shape")
     export.set_defaults(run=_export)
 
 
@@ -445,6 +456,7 @@ def _add_upload(commands: Any) -> None:
     upload.add_argument(
         "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the store the run logged to)"
     )
+    add_json_flag(upload, "the MLflow run id and tracking URI")
     upload.set_defaults(run=_upload)
 
 

@@ -35,7 +35,7 @@ from ray_aekd.tracking.runs import (
     system_tags,
 )
 
-__all__ = ["upload"]
+__all__ = ["upload", "upload_tracking_uri"]
 
 _NOT_METRICS = ("epoch", "step")
 
@@ -51,10 +51,7 @@ def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[
             f"run_dir: got {str(run_dir)!r}; allowed: a ray_aekd run folder (with config.json and metrics.jsonl)."
         )
     saved = json.loads(config_file.read_text())
-    used = run_dir / TRACKING_URI_FILE
-    if tracking_uri is None:
-        tracking_uri = used.read_text().strip() if used.is_file() else resolve_tracking_uri(saved.get("tracking.uri"))
-    uri = tracking_uri
+    uri = upload_tracking_uri(run_dir, tracking_uri)
     try:
         return _upload(run_dir, saved, uri, log)
     except (MlflowException, OSError) as error:  # refused, unreachable (connection, DNS)
@@ -62,6 +59,20 @@ def upload(run_dir: str | Path, tracking_uri: str | None = None, log: Callable[[
             f"tracking.uri: the upload to MLflow at {uri} failed ({type(error).__name__}: {error}); run it again when "
             "the server answers (it logs only what the run lacks)."
         ) from None
+
+
+def upload_tracking_uri(run_dir: str | Path, tracking_uri: str | None = None) -> str:
+    """The MLflow store ``upload(run_dir, tracking_uri)`` logs to: ``tracking_uri``, else the one
+    in the folder's ``mlflow_tracking_uri``, else ``MLFLOW_TRACKING_URI``, the run's ``tracking.uri``
+    or ``sqlite:///mlflow.db``."""
+    if tracking_uri is not None:
+        return tracking_uri
+    run_dir = Path(run_dir).resolve()
+    used, config_file = run_dir / TRACKING_URI_FILE, run_dir / "config.json"
+    if used.is_file():
+        return used.read_text().strip()
+    saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return resolve_tracking_uri(saved.get("tracking.uri"))
 
 
 def _example_images(saved: dict[str, Any], shape: tuple[int, ...], log: Callable[[str], None]) -> np.ndarray:
