@@ -189,6 +189,15 @@ def test_export_json_gives_path_format_and_input_shape(digits_teachers, tmp_path
     assert capsys.readouterr().out.startswith("exported ")  # without --json: the sentence
 
 
+def test_evaluate_json_alone_sends_its_progress_to_stderr(digits_teachers, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["evaluate", "--model", digits_teachers["cnn_a"], "--data", "digits", "--tracking-uri", uri, "--json"]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and 0 <= json.loads(out)["acc1"] <= 1
+    assert f"MLflow: {uri}, experiment 'ray-aekd-eval', run " in err
+
+
 def test_upload_json_gives_the_run_id_and_the_tracking_uri(tmp_path, monkeypatch, capsys):
     from ray_aekd.tracking import upload
 

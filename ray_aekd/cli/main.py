@@ -214,10 +214,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_outputs(args, [("--predictions", args.predictions)], None, tracks=track)
     source = parse_model(args.model, args.arch, _preprocess_args(args))
     data = open_eval_data(args.data, size=args.image_size)
-    result = evaluate_model(
-        source, data, batch_size=args.batch_size, tracking_uri=args.tracking_uri, experiment=args.experiment,
-        track=track, log=(lambda _line: None) if args.json == "-" else print,
-    )  # fmt: skip
+    with json_stdout(args):  # --json alone: progress to stderr
+        result = evaluate_model(
+            source, data, batch_size=args.batch_size, tracking_uri=args.tracking_uri, experiment=args.experiment,
+            track=track, log=print,
+        )  # fmt: skip
     if args.predictions:
         _write_predictions(args.predictions, data, result.predictions)
     write_json(args, result.to_json())
