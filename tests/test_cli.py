@@ -220,6 +220,26 @@ def test_upload_json_gives_the_run_id_and_the_tracking_uri(tmp_path, monkeypatch
     assert calls == [(str(run_dir), None), (str(run_dir), "sqlite:////x/m.db")]
 
 
+def test_a_valueerror_from_inside_a_library_is_not_reported_as_bad_input(monkeypatch, capsys):
+    from ray_aekd.cli import demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda **_: int("not a number"))  # a bug, not the user's input
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        cli.main(["demo"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_verbose_adds_the_traceback(capsys):
+    bad = ["distill", "--config", str(CONFIGS / "distill_smoke.yaml"), "--check", "--set", "distill.strategy=best"]
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err
+    assert err == "ray-aekd distill: error: distill.strategy: got 'best'; allowed: average, aekd, mgda.\n"
+    assert cli.main([*bad, "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "ConfigError: distill.strategy" in err
+    assert err.endswith("ray-aekd distill: error: distill.strategy: got 'best'; allowed: average, aekd, mgda.\n")
+
+
 # --- compare never makes a store ------------------------------------------------------------------
 
 

@@ -9,8 +9,11 @@ nor MLflow.
 from __future__ import annotations
 
 import argparse
+import linecache
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ray_aekd import __version__
@@ -500,6 +503,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The ValueError subclasses ray_aekd raises for bad input (a Ray task's error keeps its cause's
+#: class among its bases). Named, not imported: the CLI imports no torch before a command runs.
+_BAD_INPUT_ERRORS = frozenset({
+    "ray_aekd.config._base.ConfigError", "ray_aekd.data.sources.DataSourceError",
+    "ray_aekd.models.sources.ModelSourceError", "ray_aekd.models.checkpoint.CheckpointError",
+})  # fmt: skip
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _is_bad_input(error: ValueError) -> bool:
+    """Whether ``error`` reports bad input: one of ``_BAD_INPUT_ERRORS``, or a ValueError that a
+    ``raise`` statement in ray_aekd made (its checks say what was wrong and what is allowed).
+    A ValueError from inside torch, numpy or Ray, or from a failed conversion in ray_aekd's own
+    code, is not."""
+    if any(f"{c.__module__}.{c.__qualname__}" in _BAD_INPUT_ERRORS for c in type(error).__mro__):
+        return True
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+    ours = filename == _PACKAGE or _PACKAGE in filename.parents
+    return ours and linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -508,8 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tracking_uri_for_this_command(getattr(args, "tracking_uri", None)):
             return args.run(args)
-    except ValueError as error:  # bad input: one clear line, no traceback
-        print(f"ray-aekd {args.command}: error: {error}", file=sys.stderr)
+    except ValueError as error:
+        if not _is_bad_input(error):
+            raise  # a failure inside a library: its traceback, not an 'error:' line that blames the input
+        if args.verbose:
+            traceback.print_exception(error, file=sys.stderr)
+        print(f"ray-aekd {args.command}: error: {error}", file=sys.stderr)  # bad input: one clear line
         return 2
     except FloatingPointError as error:  # the run stopped on NaN/Inf: which teacher, which step
         print(f"ray-aekd {args.command}: stopped: {error}", file=sys.stderr)

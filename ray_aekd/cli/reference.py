@@ -34,8 +34,9 @@ Do not edit by hand (tests/test_config_reference.py fails when this file is out 
 
 `ray-aekd COMMAND [flags]`; `ray-aekd COMMAND --help` prints the same as this page. A bad input
 stops any command with exit code 2 and one line on stderr, `ray-aekd COMMAND: error: <key>: got
-<value>; allowed: <what is allowed>.` ([bad_input.md](bad_input.md)); a run stopped on NaN or Inf
-exits with 1.
+<value>; allowed: <what is allowed>.` ([bad_input.md](bad_input.md)), after its traceback with
+`--verbose`; a run stopped on NaN or Inf exits with 1. Any other failure (a bug, or an error inside
+a library) is not reported as bad input: it ends with its Python traceback and exit code 1.
 
 ## Flags that mean the same everywhere
 
