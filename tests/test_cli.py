@@ -155,6 +155,16 @@ def test_every_command_shares_the_common_flags():
     assert all("--verbose" in f for f in flags.values())
 
 
+def test_verbose_help_says_what_it_does_on_each_command():
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {
+        name: next(a.help for a in p._actions if "--verbose" in a.option_strings) for name, p in sub.choices.items()
+    }
+    logged = {"teachers", "distill", "sweep", "quickstart"}  # the commands that capture_logs into a ray_aekd.log
+    assert {name for name, text in helps.items() if "ray_aekd.log" in text} == logged
+    assert all("traceback" in text for text in helps.values())
+
+
 def test_json_alone_prints_only_json_on_stdout(capsys, tmp_path):
     args = argparse.Namespace(json="-")
     with json_stdout(args):

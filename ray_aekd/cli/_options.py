@@ -9,7 +9,8 @@
 - ``--output-dir DIR``: the config's ``output_dir``, where the command writes its folders.
 - ``--json [PATH]``: the result as JSON, to PATH, or alone to stdout instead of the summary (what
   the command prints while it runs then goes to stderr).
-- ``--verbose``: Ray's and MLflow's own logs on the console instead of the run folder's log.
+- ``--verbose``: an input error's traceback; on the commands that keep a log file (or run Ray
+  workers), Ray's and MLflow's own logs on the console instead (``VERBOSE_HELP``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ray_aekd._locations import check_outputs_survive
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "TRACKING_ENV",
+    "VERBOSE_HELP",
     "add_config_flags",
     "add_json_flag",
     "add_output_dir_flag",
@@ -102,12 +104,27 @@ def add_json_flag(parser: argparse.ArgumentParser, what: str) -> None:
     )  # fmt: skip
 
 
-def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--verbose", action="store_true",
-        help="show Ray's and MLflow's own logs and the Ray workers' output here (default: in the run "
-        "folder's ray_aekd.log)",
-    )  # fmt: skip
+#: What ``--verbose`` does, besides the traceback of an input error, on each command that does more.
+VERBOSE_HELP = {
+    "teachers": "show Ray's and MLflow's own logs and the Ray workers' output here (default: in "
+    "<output_dir>/ray_aekd.log)",
+    "distill": "show Ray's and MLflow's own logs and the Ray workers' output here (default: in the run "
+    "folder's ray_aekd.log)",
+    "sweep": "show Ray's, Tune's and MLflow's own logs here (default: in the sweep folder's ray_aekd.log; each "
+    "trial's in trials/<trial>.log)",
+    "quickstart": "show Ray's and MLflow's own logs and the Ray workers' output here (default: in "
+    "<output_dir>/ray_aekd.log)",
+    "relabel": "show the Ray workers' output here (default: in Ray's session logs, /tmp/ray/session_latest/logs)",
+}
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser, command: str) -> None:
+    """``--verbose``: on every command, the traceback of an input error before its line; on the
+    commands in ``VERBOSE_HELP``, their logs on the console too."""
+    traceback = "print an input error's traceback before its one line"
+    more = VERBOSE_HELP.get(command)
+    help_text = f"{more}; and {traceback}" if more else traceback
+    parser.add_argument("--verbose", action="store_true", help=help_text)
 
 
 def overrides(args: argparse.Namespace, shorthands: Mapping[str, str]) -> list[str]:

@@ -498,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(commands)
-    for command in commands.choices.values():
-        add_verbose_flag(command)
+    for name, command in commands.choices.items():
+        add_verbose_flag(command, name)
     return parser
 
 

@@ -51,8 +51,9 @@ a library) is not reported as bad input: it ends with its Python traceback and e
   `--experiment NAME`: the MLflow experiment (`tracking.experiment`).
 - `--json [PATH]`: the result as JSON, written to PATH; `--json` alone prints it as one line on
   stdout instead of the summary, and what the command prints while it runs goes to stderr.
-- `--verbose`: Ray's and MLflow's own logs and the Ray workers' output on the console, instead of
-  the run folder's `ray_aekd.log`.
+- `--verbose`: an input error's traceback before its one line; on `teachers`, `distill`, `sweep`
+  and `quickstart` also Ray's and MLflow's own logs and the Ray workers' output on the console,
+  instead of the `ray_aekd.log` the command names; on `relabel`, the Ray workers' output.
 
 Under `ray job submit --working-dir .` a command runs in Ray's temporary copy of the working
 directory, deleted with the job: an output location or SQLite store inside it (a relative path)
