@@ -74,6 +74,17 @@ def test_check_refuses_a_bad_config_naming_the_key_without_torch(tmp_path):
     assert "data.dataset: got 'mnist'; allowed: digits, cifar10, cifar100, imagefolder." in proc.stderr
 
 
+def test_check_of_a_torchvision_model_checks_its_syntax_without_torch(tmp_path):
+    smoke, sets = CONFIGS / "distill_smoke.yaml", ["--set", f"output_dir={tmp_path / 'out'}"]
+    proc = _run("distill", "--config", str(smoke), "--check", *sets, "--set", "student.model=torchvision:resnet18")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == f"config OK: {smoke} (torchvision:resnet18 is checked when the run starts)\n"
+    assert not _imported(proc.stderr) & set(HEAVY), sorted(_imported(proc.stderr) & set(HEAVY))
+    proc = _run("distill", "--config", str(smoke), "--check", *sets, "--set", "student.model='torchvision:res net'")
+    assert proc.returncode == 2
+    assert "student.model: got 'torchvision:res net'; allowed: torchvision:<a model name of the library>" in proc.stderr
+
+
 def test_relabel_check_refuses_a_config_without_cache_path_as_the_run_does(tmp_path):
     proc = _run("relabel", "--config", str(CONFIGS / "distill_smoke.yaml"), "--check", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""

@@ -65,7 +65,8 @@ def add_config_flags(parser: argparse.ArgumentParser, example: str) -> None:
     group.add_argument(
         "--check", action="store_true",
         help="validate the config (with --set) and exit: 'config OK: FILE', or exit code 2 and the error; "
-        "starts no Ray, imports no torch",
+        "starts no Ray, imports no torch (of a torchvision:/timm: model name only the syntax: the run checks "
+        "the rest when it starts, and the OK line says so)",
     )  # fmt: skip
     group.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML (every key, defaults filled in)"
@@ -195,14 +196,21 @@ def config_command(
     (the command stops there). Otherwise run ``checks`` and return the config.
     ``describe(config)``: the YAML ``--print-config`` prints (default: the config's)."""
     from ray_aekd.config import dump_yaml
+    from ray_aekd.config.common import library_models_checked_later
 
-    config = load()
+    later: list[str] = []
+    if args.check:  # torchvision:/timm: names: their syntax now, the library asked when the run starts
+        with library_models_checked_later() as later:
+            config = load()
+    else:
+        config = load()
     if args.print_config:
         print(describe(config) if describe is not None else dump_yaml(config), end="")
     if args.check or not args.print_config:
         checks(config)
     if args.check:
-        print(f"config OK: {args.config}")
+        checked_later = f" ({', '.join(later)} {'is' if len(later) == 1 else 'are'} checked when the run starts)"
+        print(f"config OK: {args.config}" + (checked_later if later else ""))
     return None if args.check or args.print_config else config
 
 

@@ -3,23 +3,52 @@ of a model name."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import re
 import sys
+from collections.abc import Iterator
 
 from ray_aekd._names import BUILTIN_MODELS, TIMM_PREFIX, TORCHVISION_PREFIX, unknown_model_message
 from ray_aekd.config._base import ConfigError, check
 
-__all__ = ["SCHEDULES", "TrackingConfig", "TrainConfig", "check_model"]
+__all__ = ["SCHEDULES", "TrackingConfig", "TrainConfig", "check_model", "library_models_checked_later"]
 
 #: ``train.schedule``: how the learning rate moves over the epochs.
 SCHEDULES = ("cosine", "multistep", "constant")
+
+
+#: While ``library_models_checked_later()`` runs: the torchvision:/timm: names seen, whose
+#: check (which imports torch) is left to the run. None otherwise.
+_later: list[str] | None = None
+_LIBRARY_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+@contextlib.contextmanager
+def library_models_checked_later() -> Iterator[list[str]]:
+    """Within the block, ``check_model`` checks only the syntax of ``torchvision:<name>`` and
+    ``timm:<name>`` (no torch import: ``--check`` stays instant); yields the names seen, which
+    the full check (at the run's start) asks the library about."""
+    global _later
+    outer, _later = _later, []
+    try:
+        yield _later
+    finally:
+        _later = outer
 
 
 def check_model(key: str, name: str) -> None:
     """``name`` is a model the registry can build: a built-in name (checked without torch), a
     model registered in this process, ``torchvision:<name>`` or ``timm:<name>``."""
     if name in BUILTIN_MODELS:
+        return
+    prefix = next((p for p in (TORCHVISION_PREFIX, TIMM_PREFIX) if name.startswith(p)), None)
+    if prefix is not None and _later is not None:
+        if not _LIBRARY_NAME.fullmatch(name[len(prefix) :]):
+            raise ConfigError(f"{key}: got {name!r}; allowed: {prefix}<a model name of the library>, e.g. resnet18.")
+        if name not in _later:
+            _later.append(name)
         return
     registry_loaded = "ray_aekd.models.registry" in sys.modules  # models registered by the caller's code
     if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)) or registry_loaded:
