@@ -63,14 +63,16 @@ command with exit code 2 and one line naming the key, the value and what is allo
 The same thing has the same name in every config and on every command:
 
 - **Resources** are booked per process, in the section named for the process that books them:
-  `cpus` and `gpus` (numbers; a fraction of a GPU shares it), `custom_resources` (other Ray
-  resources by name, such as a `teacher_gpu` a node offers), `label_selector` (run only on
-  nodes with these Ray labels) and `max_failures` (restarts). The processes are:
-  `teachers.<i>` (each actor or task of a teacher's Ray Data stage, `ray-aekd distill`),
-  `workers` (each Ray Train worker that trains the student; `num_workers` of them),
-  and `trials` (each Ray Tune trial's own process: a whole teacher's training in
-  `ray-aekd teachers`, a distillation's driver in `ray-aekd sweep`, whose workers and teachers
-  book their own).
+  the same key names wherever a section has them: `cpus` and `gpus` (numbers; a fraction of a
+  GPU shares it), `custom_resources` (other Ray resources by name, such as a `teacher_gpu` a node
+  offers), `label_selector` (run only on nodes with these Ray labels) and `max_failures`
+  (restarts). The processes, and the keys each section has (the tables below list them all):
+  `teachers.<i>` (each actor or task of a teacher's Ray Data stage, `ray-aekd distill`: `cpus`,
+  `gpus`, `custom_resources`, `label_selector`), `workers` (each Ray Train worker that trains
+  the student, `num_workers` of them: `cpus`, `gpus`, `custom_resources`, `label_selector`,
+  `max_failures`), and `trials` (each Ray Tune trial's own process: a whole teacher's training
+  in `ray-aekd teachers`, with `cpus`, `gpus`, `max_failures`; a distillation's driver in
+  `ray-aekd sweep`, with `cpus` and `max_concurrent`, whose workers and teachers book their own).
 - **Output locations**: `output_dir` is the folder a command writes its run folders to (every
   command that writes one; `--output-dir` on the command line). `storage_path` is where Ray Train
   and Ray Tune keep their checkpoints and state (a path every node sees, or `s3://`, `gs://`;
