@@ -179,3 +179,15 @@ def test_the_cli_refuses_a_bad_space_in_one_line_before_ray_starts(tmp_path):
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("ray-aekd sweep: error: space: the trial distill.tolerance=0.1 would be invalid")
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_value_of_a_large_grid_is_checked_beyond_the_combination_cap(monkeypatch):
+    """A grid too large to check whole still has each value checked once: a bad temperature in the
+    first dimension is refused before Ray, not in the trial that would have reached it."""
+    import ray_aekd.config.sweep as sweep_config
+
+    monkeypatch.setattr(sweep_config, "_MAX_COMBINATIONS", 5)  # 2 x 20 combinations: past the cap
+    space = {"distill.temperature": {"grid": [4.0, -1.0]}, "train.lr": {"grid": [0.01 * i for i in range(1, 21)]}}
+    with pytest.raises(ConfigError, match=r"distill\.temperature=-1\.0"):
+        check(space, algorithm="grid")
+    check({"distill.temperature": {"grid": [4.0, 2.0]}, "train.lr": space["train.lr"]}, algorithm="grid")

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -266,10 +267,7 @@ def parse_space(space: dict[str, Any], base: dict[str, Any], algorithm: str, cac
                 {d.kind: list(d.values)},
                 "a distribution or {choice: [values]} with search.algorithm optuna (it does not run grids)",
             )
-    combinations = itertools.product(*(d.candidates() for d in dimensions))
-    for checked, combination in enumerate(combinations):
-        if checked >= _MAX_COMBINATIONS:  # each value was still checked with the others' first values
-            break
+    for combination in _combinations_to_check([list(d.candidates()) for d in dimensions]):
         values = dict(zip(keys, combination, strict=True))
         try:
             from_dict(DistillConfig, apply_preset(apply_values(base, values)))
@@ -277,6 +275,19 @@ def parse_space(space: dict[str, Any], base: dict[str, Any], algorithm: str, cac
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise ConfigError(f"space: the trial {shown} would be invalid: {error}") from None
     return dimensions
+
+
+def _combinations_to_check(candidates: list[list[Any]]) -> Iterator[tuple[Any, ...]]:
+    """Every candidate of each dimension with the other dimensions at their first candidate (so
+    that each value is checked at least once), then the whole grid up to ``_MAX_COMBINATIONS``
+    (values that are only invalid together: beyond the cap such pairs are left to the trial)."""
+    if not all(candidates):
+        return
+    first = [values[0] for values in candidates]
+    for i, values in enumerate(candidates):
+        for value in values[1:]:
+            yield (*first[:i], value, *first[i + 1 :])
+    yield from itertools.islice(itertools.product(*candidates), _MAX_COMBINATIONS)
 
 
 def _beside(sweep_file: str | Path | None, name: str) -> Path:
