@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ray_aekd._generated import write_or_check
 from ray_aekd.cli.main import build_parser
 
 __all__ = ["DOC", "SHARED", "render"]
@@ -114,19 +115,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_aekd.cli.reference", description=__doc__)
-    parser.add_argument("path", nargs="?", default=str(DOC), help=f"the file to write (default {DOC})")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not what would be written")
-    args = parser.parse_args(argv)
-    text, path = render(), Path(args.path)
-    if args.check:
-        if (path.read_text() if path.is_file() else "") != text:
-            print(f"{path} is out of date: run python -m ray_aekd.cli.reference", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(text)
-    print(f"wrote {path}")
-    return 0
+    return write_or_check("ray_aekd.cli.reference", DOC, render, argv)
 
 
 if __name__ == "__main__":

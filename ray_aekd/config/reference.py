@@ -9,7 +9,6 @@ tests/test_config_reference.py fails when the committed file is out of date.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import inspect
@@ -22,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ray_aekd._generated import write_or_check
 from ray_aekd._names import BUILTIN_MODELS, DATASETS, GRADIENT_SPACES, STRATEGIES
 from ray_aekd.config._base import OLD_KEYS_UNTIL, _renames
 from ray_aekd.config.data import CACHE_DTYPES, CACHE_MODES
@@ -274,20 +274,7 @@ def _preset(values: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_aekd.config.reference", description=__doc__)
-    parser.add_argument("path", nargs="?", default=str(DOC), help=f"the file to write (default {DOC})")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not what would be written")
-    args = parser.parse_args(argv)
-    text, path = render(), Path(args.path)
-    if args.check:
-        current = path.read_text() if path.is_file() else ""
-        if current != text:
-            print(f"{path} is out of date: run python -m ray_aekd.config.reference", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(text)
-    print(f"wrote {path}")
-    return 0
+    return write_or_check("ray_aekd.config.reference", DOC, render, argv)
 
 
 if __name__ == "__main__":
