@@ -250,7 +250,8 @@ def test_a_valueerror_from_inside_a_library_is_not_reported_as_bad_input(monkeyp
     assert "error:" not in capsys.readouterr().err
 
 
-def test_bad_input_is_one_line_and_verbose_adds_the_traceback(capsys):
+def test_bad_input_is_one_line_and_verbose_adds_the_traceback(capsys, monkeypatch):
+    monkeypatch.setenv("RAY_AEKD_VERBOSE", "0")  # --verbose sets it to 1; unset again after this test
     bad = ["distill", "--config", str(CONFIGS / "distill_smoke.yaml"), "--check", "--set", "distill.strategy=best"]
     assert cli.main(bad) == 2
     err = capsys.readouterr().err
