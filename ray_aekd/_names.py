@@ -14,8 +14,10 @@ __all__ = [
     "DATASETS",
     "GRADIENT_SPACES",
     "SOURCE_KINDS",
+    "GRADIENT_STRATEGIES",
     "STRATEGIES",
     "TIMM_PREFIX",
+    "TOLERANCE_STRATEGIES",
     "TORCHVISION_PREFIX",
     "unknown_model_message",
 ]
@@ -23,9 +25,17 @@ __all__ = [
 #: ``data.dataset``: the data sources (``ray_aekd.data.sources.SOURCES``).
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 
-#: ``distill.strategy``: ``average`` is the uniform mean of the teachers' KD losses, ``aekd``
-#: uses the configured tolerance C, ``mgda`` is C = 1 (``ray_aekd.core.weighting.STRATEGIES``).
-STRATEGIES = ("average", "aekd", "mgda")
+#: ``distill.strategy`` (``ray_aekd.core.weighting.strategy_weights``): ``average`` is the uniform
+#: mean of the teachers' KD losses; ``aekd`` the min-norm point with tolerance C; ``mgda`` C = 1;
+#: ``upgrad`` UPGrad's projected mean; ``authors_svm`` the AE-KD authors' released solver (a
+#: baseline); ``fixed`` the weights in ``distill.weights``; ``none`` no KD term (cross-entropy only).
+STRATEGIES = ("average", "aekd", "mgda", "upgrad", "authors_svm", "fixed", "none")
+
+#: The strategies that read the tolerance C.
+TOLERANCE_STRATEGIES = ("aekd", "authors_svm")
+
+#: The strategies that solve for weights from the teachers' gradients (they need M >= 2).
+GRADIENT_STRATEGIES = ("aekd", "mgda", "upgrad", "authors_svm")
 
 #: ``distill.space``: how a teacher's gradient becomes a vector (``ray_aekd.core.weighting``).
 GRADIENT_SPACES = ("batch_mean", "per_sample")

@@ -298,12 +298,15 @@ def test_weights_are_detached_and_on_the_logits_dtype():
 
 
 def test_strategy_tolerance():
-    assert STRATEGIES == ("average", "aekd", "mgda")
+    assert STRATEGIES == ("average", "aekd", "mgda", "upgrad", "authors_svm", "fixed", "none")
     assert strategy_tolerance("average", 4) == 0.25
     assert strategy_tolerance("mgda", 4) == 1.0
     assert strategy_tolerance("aekd", 4, 0.6) == 0.6
-    with pytest.raises(ValueError, match="Valid strategies: average, aekd, mgda"):
+    assert strategy_tolerance("authors_svm", 4, 0.6) == 0.6
+    with pytest.raises(ValueError, match="Valid strategies: average, aekd, mgda, upgrad"):
         strategy_tolerance("mean", 4)
+    with pytest.raises(ValueError, match="'upgrad' has no tolerance"):
+        strategy_tolerance("upgrad", 4, 0.6)
     with pytest.raises(ValueError, match=r"\[0\.25, 1\] for M = 4"):
         strategy_tolerance("aekd", 4, 0.1)
     with pytest.raises(ValueError, match="needs a tolerance"):

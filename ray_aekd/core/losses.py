@@ -26,9 +26,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from ray_aekd.core._checks import check_logits, check_temperature
-from ray_aekd.core.weighting import GradientSpace, min_norm_weights, teacher_gram
+from ray_aekd.core.weighting import GradientSpace, strategy_weights, teacher_gram
 
-__all__ = ["HintRegressors", "distillation_loss", "hint_losses", "hint_weights", "kd_losses", "mse_per_teacher"]
+__all__ = [
+    "HintRegressors",
+    "distillation_loss",
+    "hint_gram",
+    "hint_losses",
+    "hint_weights",
+    "kd_losses",
+    "mse_per_teacher",
+]
 
 
 def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -192,11 +200,21 @@ def hint_weights(
     Returns:
         ``[M]`` detached weights.
     """
+    return strategy_weights(hint_gram(hints, student_feature, space, reduce), "aekd", tolerance, normalize)
+
+
+def hint_gram(
+    hints: torch.Tensor,
+    student_feature: torch.Tensor,
+    space: GradientSpace = "batch_mean",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``[M, M]`` raw Gram of the hint losses' gradients on the student feature ``[B, ...]``
+    (``hints [M]`` still attached to it); the graph is kept for the step's backward."""
     if not student_feature.requires_grad:
         raise ValueError("student_feature must be part of the autograd graph (requires_grad) to weight hints.")
     grads = [torch.autograd.grad(hints[m], student_feature, retain_graph=True)[0] for m in range(hints.shape[0])]
-    gram = teacher_gram(torch.stack(grads), space=space, normalize=normalize, reduce=reduce)
-    return min_norm_weights(gram, tolerance)
+    return teacher_gram(torch.stack(grads), space=space, reduce=reduce)
 
 
 def _checked_weights(weights: torch.Tensor, num_teachers: int, name: str) -> torch.Tensor:

@@ -16,14 +16,13 @@ from torch.nn import functional as F
 
 from ray_aekd.core._checks import check_logits
 from ray_aekd.core.features import forward_with_feature
-from ray_aekd.core.losses import HintRegressors, distillation_loss, hint_weights, mse_per_teacher
+from ray_aekd.core.losses import HintRegressors, distillation_loss, hint_gram, mse_per_teacher
 from ray_aekd.core.weighting import (
     GradientSpace,
     NonFiniteLogitsError,
     check_finite_logits,
     kd_logit_gradients,
-    min_norm_weights,
-    strategy_tolerance,
+    strategy_weights,
     teacher_gram,
 )
 
@@ -46,10 +45,13 @@ def make_optimizer(
     schedule: str,
     epochs: int,
     milestones: tuple[int, ...] = (),
+    nesterov: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD with momentum and a per-epoch schedule: ``cosine``, ``multistep`` (x0.1 at each
-    milestone) or ``constant``."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """SGD with momentum (Nesterov's with ``nesterov``, as the AE-KD authors train) and a
+    per-epoch schedule: ``cosine``, ``multistep`` (x0.1 at each milestone) or ``constant``."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+    )
     if schedule == "cosine":
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))
@@ -114,16 +116,19 @@ class DistillSettings:
     """How one distillation step weighs its terms (the authors' CIFAR defaults).
 
     Attributes:
-        strategy: ``average`` (C = 1/M), ``aekd`` (C = ``tolerance``) or ``mgda`` (C = 1).
-        tolerance: C for ``aekd``, in ``[1/M, 1]``.
+        strategy: one of ``ray_aekd.core.weighting.STRATEGIES`` (``strategy_weights`` says what
+            each does): ``average``, ``aekd``, ``mgda``, ``upgrad``, ``authors_svm``, ``fixed``, ``none``.
+        tolerance: C for ``aekd`` and ``authors_svm``, in ``[1/M, 1]``.
         temperature: T > 0.
         ce_weight: gamma, weight of the cross-entropy with the labels.
         kd_weight: lambda, weight of the weighted KD sum.
         space: gradient space of the weighting, ``batch_mean`` or ``per_sample``.
-        normalize: unit-normalise each teacher's gradient before the Gram.
-        hint_weight: beta, weight of the weighted FitNet hint sum (0: logits only). With
-            ``aekd``/``mgda`` the hint terms get their own AE-KD weights, solved in the
-            gradient space of the student's hint feature.
+        normalize: solve on unit-norm gradients, then re-weight by ``1/||g_m||`` (the authors'
+            ``svm_norm``; ``strategy_weights``).
+        hint_weight: beta, weight of the weighted FitNet hint sum (0: logits only). The hint
+            terms get their own weights from the same strategy, solved in the gradient space
+            of the student's hint feature.
+        weights: the M teacher weights of ``fixed`` (each >= 0, summing to 1).
     """
 
     strategy: str = "aekd"
@@ -134,6 +139,7 @@ class DistillSettings:
     space: GradientSpace = "batch_mean"
     normalize: bool = False
     hint_weight: float = 0.0
+    weights: tuple[float, ...] | None = None
 
 
 class HintStudent(nn.Module):
@@ -223,20 +229,18 @@ def teacher_weights(
 
     Args:
         logits: ``[B, K]`` student logits; teacher_logits: ``[M, B, K]``.
-        settings: strategy (``average``: uniform; else the min-norm point with C from
-            ``strategy_tolerance``), temperature and gradient space.
+        settings: strategy (``strategy_weights``), tolerance, fixed weights, temperature and
+            gradient space.
         reduce: all-reduce hook applied to the gradient statistics before the solve.
 
     Returns:
-        ``(weights [M], gram [M, M])``: weights sum to 1, each at most C; detached.
+        ``(weights [M], gram [M, M])``: the weights (in the logits' dtype) and the raw Gram of
+        the teachers' gradients on the student's logits; detached.
     """
-    num = teacher_logits.shape[0]
-    cap = strategy_tolerance(settings.strategy, num, settings.tolerance)
     gradients = kd_logit_gradients(logits, teacher_logits, settings.temperature)
-    gram = teacher_gram(gradients, settings.space, settings.normalize, reduce)
-    if settings.strategy == "average":
-        return torch.full((num,), 1.0 / num, dtype=logits.dtype, device=logits.device), gram
-    return min_norm_weights(gram, cap).detach(), gram
+    gram = teacher_gram(gradients, settings.space, reduce=reduce)
+    weights = strategy_weights(gram, settings.strategy, settings.tolerance, settings.normalize, settings.weights)
+    return weights.to(logits.dtype), gram
 
 
 def _check_step_logits(logits: torch.Tensor, teacher_logits: torch.Tensor, step: int | None) -> None:
@@ -257,12 +261,13 @@ def _hint_terms(
     settings: DistillSettings,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hints [M], hint weights [M])``: each teacher's FitNet MSE and its weight (uniform for
-    ``average``, else AE-KD in the gradient space of the student's hint ``feature``)."""
+    """``(hints [M], hint weights [M])``: each teacher's FitNet MSE and its weight from the
+    step's strategy, solved in the gradient space of the student's hint ``feature``."""
     assert feature is not None and regressed is not None and teacher_features is not None
     hints = mse_per_teacher(regressed, teacher_features)
-    num = hints.shape[0]
-    if settings.strategy == "average":
-        return hints, torch.full_like(hints, 1.0 / num).detach()
-    cap = strategy_tolerance(settings.strategy, num, settings.tolerance)
-    return hints, hint_weights(hints, feature, cap, settings.space, settings.normalize, reduce)
+    if settings.strategy in ("average", "fixed", "none"):  # no gradients needed
+        gram = torch.zeros(hints.shape[0], hints.shape[0], dtype=hints.dtype, device=hints.device)
+    else:
+        gram = hint_gram(hints, feature, settings.space, reduce)
+    alpha = strategy_weights(gram, settings.strategy, settings.tolerance, settings.normalize, settings.weights)
+    return hints, alpha.to(hints.dtype)

@@ -11,7 +11,8 @@ uniform average; ``C = 1`` is MGDA's min-norm point.
 
 The authors reach alpha through scikit-learn's ``OneClassSVM`` on the raw Gram, which stops
 on an absolute tolerance and is far off when Gram entries are tiny (they are: trace ~1e-7
-for batch 128, 100 classes, T = 4). Here the Gram is first normalised by its mean diagonal,
+for batch 128, 100 classes, T = 4); ``ray_aekd.core.authors`` reproduces it as the
+``authors_svm`` baseline. Here the Gram is first normalised by its mean diagonal,
 so the weights do not depend on the gradients' scale. The QP is then solved exactly for
 M <= 6 by enumerating its active sets (at most 3^M) in one batched solve, and for larger M by a
 primal-dual interior-point method (Mehrotra predictor-corrector, fixed iteration count)
@@ -28,15 +29,18 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
 from torch.nn import functional as F
 
-from ray_aekd._names import GRADIENT_SPACES
+from ray_aekd._names import GRADIENT_SPACES, GRADIENT_STRATEGIES, TOLERANCE_STRATEGIES
 from ray_aekd._names import STRATEGIES as _STRATEGY_NAMES
 from ray_aekd.core._checks import check_logits, check_num_teachers, check_temperature, check_tolerance
+from ray_aekd.core.authors import authors_svm_weights
+from ray_aekd.core.upgrad import upgrad_weights
 
 __all__ = [
     "STRATEGIES",
@@ -44,17 +48,20 @@ __all__ = [
     "aekd_weights",
     "NonFiniteLogitsError",
     "check_finite_logits",
+    "check_fixed_weights",
+    "cosine_gram",
     "kd_logit_gradients",
     "min_norm_weights",
     "strategy_tolerance",
+    "strategy_weights",
     "teacher_gram",
 ]
 
 GradientSpace = Literal["batch_mean", "per_sample"]
 _SPACES = GRADIENT_SPACES
 
-#: Strategy names accepted in configs. ``average`` is the uniform mean of the teachers'
-#: KD losses, ``aekd`` uses the configured tolerance C, ``mgda`` is C = 1 (one tuple with the config's).
+#: Strategy names accepted in configs (one tuple with the config's; ``strategy_weights`` says
+#: what each does).
 STRATEGIES = _STRATEGY_NAMES
 
 _IPM_ITERATIONS = 14
@@ -65,18 +72,20 @@ _FRACTION_TO_BOUNDARY = 0.995
 
 
 def strategy_tolerance(strategy: str, num_teachers: int, tolerance: float | None = None) -> float:
-    """The tolerance C that a strategy name stands for.
+    """The tolerance C of a min-norm strategy: ``average`` (C = 1/M), ``aekd`` (the given C),
+    ``mgda`` (C = 1) or ``authors_svm`` (the given C).
 
     Args:
-        strategy: one of ``STRATEGIES``.
+        strategy: one of those four.
         num_teachers: M, the number of teachers (at least 1).
-        tolerance: C for ``aekd``; ignored by ``average`` (C = 1/M) and ``mgda`` (C = 1).
+        tolerance: C for ``aekd`` and ``authors_svm``; ignored by the others.
 
     Returns:
         C in ``[1/M, 1]``.
 
     Raises:
-        ValueError: unknown strategy, M < 1, or ``aekd`` without a valid tolerance.
+        ValueError: unknown strategy, a strategy with no tolerance, M < 1, or ``aekd`` /
+            ``authors_svm`` without a valid tolerance.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(STRATEGIES)}.")
@@ -85,9 +94,94 @@ def strategy_tolerance(strategy: str, num_teachers: int, tolerance: float | None
         return 1.0 / num_teachers
     if strategy == "mgda":
         return 1.0
+    if strategy not in TOLERANCE_STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} has no tolerance C (only {', '.join(TOLERANCE_STRATEGIES)} read one).")
     if tolerance is None:
-        raise ValueError("strategy 'aekd' needs a tolerance C in [1/M, 1]; got none.")
+        raise ValueError(f"strategy {strategy!r} needs a tolerance C in [1/M, 1]; got none.")
     return check_tolerance(tolerance, num_teachers)
+
+
+def strategy_weights(
+    gram: torch.Tensor,
+    strategy: str,
+    tolerance: float | None = None,
+    normalize: bool = False,
+    fixed: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """The teachers' weights that a strategy gives for one step.
+
+    Args:
+        gram: ``[M, M]`` raw Gram of the teachers' gradients on the student (``teacher_gram``).
+        strategy: ``average`` (uniform ``1/M``); ``aekd`` (min-norm point of the simplex capped
+            at C = ``tolerance``); ``mgda`` (C = 1); ``upgrad`` (``ray_aekd.core.upgrad``: the
+            mean of each gradient's projection on the teachers' dual cone; weights sum to >= 1);
+            ``authors_svm`` (``ray_aekd.core.authors``: the AE-KD authors' OneClassSVM, a
+            baseline; a host round trip per step); ``fixed`` (``fixed``, given); ``none`` (all 0:
+            no KD term).
+        tolerance: C for ``aekd`` and ``authors_svm``.
+        normalize: solve on unit-norm gradients (the cosine matrix), then weight teacher m by
+            ``w_m / ||g_m||`` rescaled to the solved weights' sum, so that the combined gradient
+            points where the solve on unit gradients said (the authors' ``svm_norm``). Only the
+            solving strategies read it.
+        fixed: the weights of ``fixed``: M numbers >= 0 summing to 1.
+
+    Returns:
+        ``[M]`` detached weights in the Gram's dtype and on its device.
+
+    Raises:
+        ValueError: unknown strategy, bad tolerance or fixed weights (naming the field).
+    """
+    num = gram.shape[-1]
+    check_num_teachers(num)
+    if strategy == "average":
+        return torch.full((num,), 1.0 / num, dtype=gram.dtype, device=gram.device)
+    if strategy == "none":
+        return torch.zeros(num, dtype=gram.dtype, device=gram.device)
+    if strategy == "fixed":
+        return torch.tensor(check_fixed_weights(fixed, num), dtype=gram.dtype, device=gram.device)
+    if strategy not in GRADIENT_STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(STRATEGIES)}.")
+    solve_on = cosine_gram(gram) if normalize else gram
+    if strategy == "upgrad":
+        weights = upgrad_weights(solve_on)
+    elif strategy == "authors_svm":
+        weights = authors_svm_weights(solve_on, strategy_tolerance(strategy, num, tolerance)).weights.to(gram.dtype)
+    else:
+        weights = min_norm_weights(solve_on, strategy_tolerance(strategy, num, tolerance))
+    return (_per_unit_norm(weights, gram) if normalize else weights).detach()
+
+
+def check_fixed_weights(fixed: tuple[float, ...] | list[float] | None, num_teachers: int) -> tuple[float, ...]:
+    """``fixed`` as a tuple of M floats, each finite and >= 0, summing to 1 (within 1e-6).
+
+    Raises:
+        ValueError: naming ``distill.weights``, the value and what is allowed.
+    """
+    allowed = f"{num_teachers} numbers >= 0 that sum to 1, one per teacher"
+    if fixed is None or len(fixed) != num_teachers:
+        raise ValueError(f"distill.weights: got {fixed!r}; strategy 'fixed' needs {allowed}.")
+    values = tuple(float(w) for w in fixed)
+    if not all(math.isfinite(w) and w >= 0 for w in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"distill.weights: got {list(fixed)}; strategy 'fixed' needs {allowed}.")
+    return values
+
+
+def cosine_gram(gram: torch.Tensor) -> torch.Tensor:
+    """``[..., M, M]`` Gram -> the Gram of the unit-norm gradients (cosines; a zero gradient's
+    row and column stay zero)."""
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return gram / (safe.unsqueeze(-1) * safe.unsqueeze(-2))
+
+
+def _per_unit_norm(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Weights solved on unit gradients -> weights on the raw losses: ``w_m / ||g_m||``,
+    rescaled to the same sum; a teacher with a zero gradient gets 0. All-zero norms: unchanged."""
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    scaled = torch.where(norms > 0, weights / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
+    total = scaled.sum(-1, keepdim=True)
+    rescale = weights.sum(-1, keepdim=True) / torch.where(total > 0, total, 1.0)
+    return torch.where(total > 0, scaled * rescale, weights)
 
 
 def min_norm_weights(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -176,9 +270,9 @@ def teacher_gram(
         space: ``batch_mean`` takes ``g_m = mean_b gradients[m, b]`` (what the AE-KD authors'
             code does); ``per_sample`` flattens the whole ``[B, ...]`` gradient, so Gram
             entries are sums of per-sample inner products.
-        normalize: scale each teacher's gradient to unit L2 norm first (the Gram becomes the
-            cosine-similarity matrix; zero gradients stay zero). With ``per_sample`` and
-            ``reduce`` each worker normalises its own shard before the Grams are reduced.
+        normalize: return the Gram of the unit-norm gradients (the cosine-similarity matrix;
+            zero gradients stay zero), computed after ``reduce``, so every worker count gives
+            the same matrix.
         reduce: called on the ``[M, D]`` batch means (``batch_mean``) or the ``[M, M]`` Gram
             (``per_sample``) before solving; the distributed layer passes an all-reduce here so
             every worker gets the same Gram. Must return a tensor of the same shape.
@@ -195,16 +289,13 @@ def teacher_gram(
         vectors = flat.mean(dim=1)  # [M, D]
         if reduce is not None:
             vectors = _reduced(reduce, vectors)
-        if normalize:
-            vectors = _unit_rows(vectors)
-        return vectors @ vectors.transpose(0, 1)
-    vectors = flat.flatten(1)  # [M, B * D]
-    if normalize:
-        vectors = _unit_rows(vectors)
-    gram = vectors @ vectors.transpose(0, 1)
-    if reduce is not None:
-        gram = _reduced(reduce, gram)
-    return gram
+        gram = vectors @ vectors.transpose(0, 1)
+    else:
+        vectors = flat.flatten(1)  # [M, B * D]
+        gram = vectors @ vectors.transpose(0, 1)
+        if reduce is not None:
+            gram = _reduced(reduce, gram)
+    return cosine_gram(gram) if normalize else gram
 
 
 def aekd_weights(
@@ -225,14 +316,15 @@ def aekd_weights(
         temperature: T > 0 of the KD loss.
         tolerance: C in ``[1/M, 1]``.
         space: ``batch_mean`` or ``per_sample`` (see ``teacher_gram``).
-        normalize: unit-normalise each teacher's gradient before the Gram.
+        normalize: solve on unit-norm gradients and re-weight by ``1/||g_m||`` (``strategy_weights``).
         reduce: all-reduce hook for the ``[M, K]`` means or the ``[M, M]`` Gram, so that the
             weights are identical on every worker.
         check_finite: raise if any teacher's logits hold NaN or Inf. The check reads one
             boolean back from the device; pass False to keep the step free of host syncs.
 
     Returns:
-        ``[M]`` detached weights summing to 1, each in ``[0, C]``.
+        ``[M]`` detached weights summing to 1, each in ``[0, C]`` (with ``normalize`` the
+        re-weighting may move a weight past C, as in the authors' code).
 
     Raises:
         ValueError: bad shapes, temperature <= 0, tolerance outside ``[1/M, 1]``, unknown
@@ -246,8 +338,8 @@ def aekd_weights(
     if check_finite:
         check_finite_logits(student_logits, teacher_logits)
     gradients = kd_logit_gradients(student_logits, teacher_logits, temperature)
-    gram = teacher_gram(gradients, space=space, normalize=normalize, reduce=reduce)
-    return min_norm_weights(gram, tolerance).detach()
+    gram = teacher_gram(gradients, space=space, reduce=reduce)
+    return strategy_weights(gram, "aekd", tolerance, normalize)
 
 
 class NonFiniteLogitsError(ValueError):
@@ -471,11 +563,6 @@ def _quadratic(gram: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 def _solve_dtype(gram: torch.Tensor) -> torch.dtype:
     return torch.float32 if gram.device.type == "mps" else torch.float64
-
-
-def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    norms = vectors.norm(dim=-1, keepdim=True)
-    return vectors / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def _reduced(reduce: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
