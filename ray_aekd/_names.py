@@ -15,6 +15,7 @@ __all__ = [
     "GRADIENT_SPACES",
     "SOURCE_KINDS",
     "GRADIENT_STRATEGIES",
+    "MIN_NORM_STRATEGIES",
     "STRATEGIES",
     "TIMM_PREFIX",
     "TOLERANCE_STRATEGIES",
@@ -30,6 +31,9 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 #: ``upgrad`` UPGrad's projected mean; ``authors_svm`` the AE-KD authors' released solver (a
 #: baseline); ``fixed`` the weights in ``distill.weights``; ``none`` no KD term (cross-entropy only).
 STRATEGIES = ("average", "aekd", "mgda", "upgrad", "authors_svm", "fixed", "none")
+
+#: The min-norm family, spanned by one tolerance C (1/M, C, 1); ``ray-aekd demo`` compares these.
+MIN_NORM_STRATEGIES = ("average", "aekd", "mgda")
 
 #: The strategies that read the tolerance C.
 TOLERANCE_STRATEGIES = ("aekd", "authors_svm")

@@ -111,10 +111,11 @@ def test_distill_preset_fills_what_the_config_leaves_out():
     )
     assert config.train.epochs == 20 and config.train.milestones == (5,)  # the config's own keys win
     assert (config.train.schedule, config.train.lr, config.train.batch_size) == ("multistep", 0.05, 64)
+    assert config.train.nesterov  # the released recipe trains with Nesterov momentum
     assert (config.distill.temperature, config.distill.tolerance, config.distill.kd_weight) == (4.0, 0.6, 0.9)
     with pytest.raises(ConfigError, match="preset: got 'fast'; allowed: authors_cifar"):
         load_config(DistillConfig, None, [teachers, "preset=fast"])
-    with pytest.raises(ConfigError, match=r"distill.strategy: got 'aekd'; allowed: average when there is a single"):
+    with pytest.raises(ConfigError, match=r"distill.strategy: got 'aekd'; allowed: average, fixed or none when there is a single"):
         load_config(DistillConfig, None, ["teachers=[{name: a, checkpoint: x}]"])
 
 

@@ -166,7 +166,7 @@ def test_distill_bad_input_is_one_line_before_ray(digits_teachers, tmp_path):
             ["--set", "teachers.1.checkpoint=/nonexistent"],
             "teachers.1.checkpoint: teacher 'cnn_b': /nonexistent is not a ray_aekd",
         ),
-        (["--set", "distill.strategy=best"], "distill.strategy: got 'best'; allowed: average, aekd, mgda"),
+        (["--set", "distill.strategy=best"], "distill.strategy: got 'best'; allowed: average, aekd, mgda, upgrad"),
         (["--set", "student.model=resnet9000"], "student.model: Unknown model 'resnet9000'"),
     ]
     for extra, message in cases:

@@ -90,7 +90,7 @@ def test_fixed_and_none_strategies():
     assert strategy_weights(gram, "fixed", fixed=(0.6, 0.4, 0.0)).tolist() == pytest.approx([0.6, 0.4, 0.0])
     assert strategy_weights(gram, "none").tolist() == [0.0, 0.0, 0.0]
     for bad in [None, (0.5, 0.5), (0.7, 0.4, -0.1), (0.5, 0.5, 0.5), (float("nan"), 0.5, 0.5)]:
-        with pytest.raises(ValueError, match="distill.weights: got .*needs 3 numbers >= 0 that sum to 1"):
+        with pytest.raises(ValueError, match="fixed weights: got .*needs 3 numbers >= 0 that sum to 1"):
             strategy_weights(gram, "fixed", fixed=bad)
     with pytest.raises(ValueError, match="Valid strategies"):
         strategy_weights(gram, "median")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray_aekd import __version__
 from ray_aekd._console import set_verbose
-from ray_aekd._names import GRADIENT_SPACES, STRATEGIES
+from ray_aekd._names import GRADIENT_SPACES, MIN_NORM_STRATEGIES
 from ray_aekd.cli._options import (
     add_config_flags,
     add_json_flag,
@@ -302,7 +302,7 @@ def _add_demo(commands: Any) -> None:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--label-noise", type=float, default=0.7, help="label noise on each teacher's classes")
     demo.add_argument("--space", choices=GRADIENT_SPACES, default=GRADIENT_SPACES[0])
-    demo.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    demo.add_argument("--strategies", nargs="+", default=list(MIN_NORM_STRATEGIES), choices=MIN_NORM_STRATEGIES)
     add_json_flag(demo, "the results")
     demo.set_defaults(run=_demo)
 

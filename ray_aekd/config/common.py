@@ -66,12 +66,13 @@ def check_model(key: str, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The optimiser (SGD with momentum) and its learning-rate schedule."""
+    """The optimiser (SGD with momentum, optionally Nesterov's) and its learning-rate schedule."""
 
     epochs: int = 10  # passes over the training split
     batch_size: int = 64  # the global batch (split evenly across workers)
     lr: float = 0.05  # the learning rate at the start
     momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum (the AE-KD authors' recipe uses it)
     weight_decay: float = 5e-4  # L2 penalty of SGD
     schedule: str = "cosine"  # cosine | multistep | constant
     milestones: tuple[int, ...] = ()  # multistep: epochs at which lr *= 0.1

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ray_aekd._names import GRADIENT_SPACES, SOURCE_KINDS, STRATEGIES
+from ray_aekd._names import GRADIENT_SPACES, GRADIENT_STRATEGIES, SOURCE_KINDS, STRATEGIES, TOLERANCE_STRATEGIES
 from ray_aekd.config._base import Renamed, check, check_custom_resources, check_labels, check_name
 from ray_aekd.config.common import TrackingConfig, TrainConfig, check_model
 from ray_aekd.config.data import CacheConfig, DistillDataConfig
@@ -192,14 +192,15 @@ class StudentConfig:
 class LossConfig:
     """The distillation loss: L = ce_weight * CE + kd_weight * sum_m alpha_m KD_m (+ hints)."""
 
-    strategy: str = "aekd"  # average | aekd | mgda
-    tolerance: float = 0.6  # C, in [1/M, 1]
+    strategy: str = "aekd"  # average | aekd | mgda | upgrad | authors_svm | fixed | none
+    tolerance: float = 0.6  # C, in [1/M, 1] (aekd, authors_svm)
     temperature: float = 4.0  # T of the softened softmax
     ce_weight: float = 1.0  # gamma
     kd_weight: float = 0.9  # lambda
     hint_weight: float = 0.0  # beta: > 0 adds hint-level AE-KD
     space: str = "batch_mean"  # batch_mean | per_sample
-    normalize: bool = False  # scale each teacher's gradient to unit norm before weighting
+    normalize: bool = False  # solve on unit-norm gradients, then weight by 1/||g|| (the authors' svm_norm)
+    fixed_weights: tuple[float, ...] | None = None  # strategy fixed: one weight per teacher, >= 0, summing to 1
 
     def validate(self, prefix: str) -> None:
         check(self.strategy in STRATEGIES, f"{prefix}.strategy", self.strategy, ", ".join(STRATEGIES))
@@ -305,20 +306,36 @@ class DistillConfig:
     def _validate_tolerance(self) -> None:
         num, loss = len(self.teachers), self.distill
         check(
-            num >= 2 or loss.strategy == "average",
+            num >= 2 or loss.strategy not in GRADIENT_STRATEGIES,
             "distill.strategy",
             loss.strategy,
-            "average when there is a single teacher (weighting needs M >= 2)",
+            "average, fixed or none when there is a single teacher (weighting from gradients needs M >= 2)",
         )
-        if loss.strategy == "aekd" and num >= 2:
+        if loss.strategy in TOLERANCE_STRATEGIES and num >= 2:
             check(
                 1 / num - 1e-9 <= loss.tolerance <= 1,
                 "distill.tolerance",
                 loss.tolerance,
                 f"a number in [1/M, 1] = [{1 / num:.6g}, 1] for M = {num} teachers",
             )
-        else:  # average and mgda do not read it (C = 1/M and C = 1); still no nonsense
+        else:  # the other strategies do not read it; still no nonsense
             check(0 < loss.tolerance <= 1, "distill.tolerance", loss.tolerance, "a number in (0, 1]")
+        self._validate_fixed_weights(num)
+
+    def _validate_fixed_weights(self, num: int) -> None:
+        weights = self.distill.fixed_weights
+        if self.distill.strategy != "fixed":
+            shown = None if weights is None else list(weights)
+            check(weights is None, "distill.fixed_weights", shown, "null unless distill.strategy is fixed")
+            return
+        ok = weights is not None and len(weights) == num
+        ok = ok and all(math.isfinite(w) and w >= 0 for w in weights or ()) and abs(sum(weights or ()) - 1) <= 1e-6
+        check(
+            ok,
+            "distill.fixed_weights",
+            None if weights is None else list(weights),
+            f"{num} numbers >= 0 that sum to 1, one per teacher in the order of teachers",
+        )
 
     def _validate_cache(self) -> None:
         views_repeat = self.data.views is not None or not self.data.augment
@@ -377,7 +394,9 @@ class DistillConfig:
 
 
 #: ``preset: <name>`` at the top of a distillation config fills in these values; keys the
-#: config sets itself win. ``authors_cifar`` is the AE-KD authors' CIFAR-100 recipe.
+#: config sets itself win. ``authors_cifar`` is the AE-KD authors' CIFAR-100 student recipe as
+#: released (train_student.py / train_student.sh: batch 64 on one GPU, SGD with Nesterov
+#: momentum, 240 epochs, lr x0.1 at 150/180/210, T = 4, CE 1 + KD 0.9, C = 0.6).
 PRESETS: dict[str, dict[str, Any]] = {
     "authors_cifar": {
         "train": {
@@ -385,6 +404,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 64,
             "lr": 0.05,
             "momentum": 0.9,
+            "nesterov": True,
             "weight_decay": 5e-4,
             "schedule": "multistep",
             "milestones": [150, 180, 210],

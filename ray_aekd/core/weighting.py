@@ -155,14 +155,14 @@ def check_fixed_weights(fixed: tuple[float, ...] | list[float] | None, num_teach
     """``fixed`` as a tuple of M floats, each finite and >= 0, summing to 1 (within 1e-6).
 
     Raises:
-        ValueError: naming ``distill.weights``, the value and what is allowed.
+        ValueError: naming the weights, the value and what is allowed.
     """
     allowed = f"{num_teachers} numbers >= 0 that sum to 1, one per teacher"
     if fixed is None or len(fixed) != num_teachers:
-        raise ValueError(f"distill.weights: got {fixed!r}; strategy 'fixed' needs {allowed}.")
+        raise ValueError(f"fixed weights: got {fixed!r}; strategy 'fixed' needs {allowed}.")
     values = tuple(float(w) for w in fixed)
     if not all(math.isfinite(w) and w >= 0 for w in values) or abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"distill.weights: got {list(fixed)}; strategy 'fixed' needs {allowed}.")
+        raise ValueError(f"fixed weights: got {list(fixed)}; strategy 'fixed' needs {allowed}.")
     return values
 
 

@@ -148,7 +148,14 @@ class _TeacherRun:
         model = build_model(spec.model, source.num_classes, in_channels=source.input_shape[0]).to(device)
         train = config.train
         optimizer, scheduler = make_optimizer(
-            model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones
+            model,
+            train.lr,
+            train.momentum,
+            train.weight_decay,
+            train.schedule,
+            train.epochs,
+            train.milestones,
+            nesterov=train.nesterov,
         )
         return cls(model, optimizer, scheduler, torch.Generator().manual_seed(spec.seed + 1), device)
 

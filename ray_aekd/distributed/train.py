@@ -273,6 +273,7 @@ class _Worker:
             space=distill.space,  # type: ignore[arg-type]
             normalize=distill.normalize,
             hint_weight=distill.hint_weight,
+            weights=distill.fixed_weights,
         )
 
 
@@ -341,7 +342,14 @@ def _restore(worker: _Worker) -> _TrainState:
     model = worker.session.prepare_model(_build_student(config, worker.info))
     train = config.train
     optimizer, scheduler = make_optimizer(
-        model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones
+        model,
+        train.lr,
+        train.momentum,
+        train.weight_decay,
+        train.schedule,
+        train.epochs,
+        train.milestones,
+        nesterov=train.nesterov,
     )
     num = len(config.teachers)
     state = _TrainState(model, optimizer, scheduler, cosine_sum=torch.zeros(num, num, dtype=torch.float64))
