@@ -254,7 +254,8 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
     ("unknown-strategy", ["distill.strategy=best"],
      "distill.strategy: got 'best'; allowed: average, aekd, mgda, upgrad, authors_svm, fixed, none."),
     ("fixed-weights-missing", ["distill.strategy=fixed"],
-     "distill.fixed_weights: got None; allowed: 2 numbers >= 0 that sum to 1, one per teacher in the order of teachers."),
+     "distill.fixed_weights: got None; allowed: 2 numbers >= 0 that sum to 1, one per teacher in the order of "
+     "teachers."),
     ("fixed-weights-bad-sum", ["distill.strategy=fixed", "distill.fixed_weights=[0.6, 0.6]"],
      "distill.fixed_weights: got [0.6, 0.6]; allowed: 2 numbers >= 0 that sum to 1, one per teacher"),
     ("fixed-weights-without-fixed", ["distill.fixed_weights=[0.6, 0.4]"],

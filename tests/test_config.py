@@ -115,7 +115,8 @@ def test_distill_preset_fills_what_the_config_leaves_out():
     assert (config.distill.temperature, config.distill.tolerance, config.distill.kd_weight) == (4.0, 0.6, 0.9)
     with pytest.raises(ConfigError, match="preset: got 'fast'; allowed: authors_cifar"):
         load_config(DistillConfig, None, [teachers, "preset=fast"])
-    with pytest.raises(ConfigError, match=r"distill.strategy: got 'aekd'; allowed: average, fixed or none when there is a single"):
+    single = r"distill.strategy: got 'aekd'; allowed: average, fixed or none when there is a single"
+    with pytest.raises(ConfigError, match=single):
         load_config(DistillConfig, None, ["teachers=[{name: a, checkpoint: x}]"])
 
 
