@@ -1,0 +1,98 @@
+"""``benchmarks/paper_gpu.py``: the authors' CIFAR-100 setting for one GPU, exercised in its CPU
+tiny mode (synthetic 32x32 data, tiny nets, a few batches per phase, the product's ``distill`` on
+a local Ray), plus the pieces a GPU run relies on that can be checked here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_gpu.py"
+ARMS = ("average", "aekd", "authors_svm")
+
+
+@pytest.fixture(scope="module")
+def paper_gpu():
+    spec = importlib.util.spec_from_file_location("paper_gpu", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_milestones_scale_the_authors_150_180_210_of_240(paper_gpu):
+    assert paper_gpu.scaled_milestones(240) == (150, 180, 210)
+    assert paper_gpu.scaled_milestones(24) == (15, 18, 21)
+    assert paper_gpu.scaled_milestones(8) == (5, 6, 7)
+    assert paper_gpu.scaled_milestones(1) == (1,)
+
+
+def test_augment_is_a_padded_crop_and_a_flip_of_each_image(paper_gpu):
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(251).add(1).to(torch.uint8)
+    images = images.view(2, 3, 32, 32)
+    out = paper_gpu.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for i in range(2):  # every kept pixel comes from the same image (padding adds zeros only)
+        kept = out[i][out[i] > 0]
+        assert set(kept.tolist()) <= set(images[i].flatten().tolist())
+    unshifted = paper_gpu.augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, unshifted)  # the generator decides the crop and flip
+
+
+def test_cifar_resnets_keep_32x32_resolution_in_the_stem(paper_gpu):
+    model = paper_gpu.cifar_torchvision("resnet18", 100)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_missing_cifar100_names_the_flag(paper_gpu, tmp_path):
+    with pytest.raises(SystemExit, match="--data-root") as error:
+        paper_gpu.main(["--data-root", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "work")])
+    assert "cifar-100-python" in str(error.value) and "never downloads" in str(error.value)
+
+
+@pytest.mark.slow
+def test_tiny_mode_reports_every_arm_the_authors_solver_and_the_product_throughputs(tmp_path):
+    output = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--work-dir", str(tmp_path / "work"), "--output", str(output)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[paper_gpu] will measure:" in done.stdout and "[paper] plan:" in done.stdout
+    result = json.loads(output.read_text())
+    assert result["tiny"] is True and result["device"].startswith("cpu")
+    paper = result["paper"]
+    assert set(paper["arms"]) == set(ARMS)
+    for name, arm in paper["arms"].items():
+        for key in ("final_test_acc1", "best_test_acc1"):
+            assert math.isfinite(arm[key]) and 0.0 <= arm[key] <= 1.0, (name, key, arm[key])
+        assert arm["best_test_acc1"] >= arm["final_test_acc1"] and arm["best_selected_on_test_set"] is True
+        assert arm["steps"] > 0 and arm["steps_per_second"] > 0
+        assert abs(sum(arm["mean_weights"]) - 1) < 1e-4
+    assert paper["arms"]["average"]["mean_weights"] == pytest.approx([1 / 3] * 3, abs=1e-6)
+    for name in ARMS:
+        stats = paper["authors_solver"][name]
+        assert 0.0 <= stats["at_start_fraction"] <= 1.0 and stats["solves"] == paper["arms"][name]["steps"]
+        assert math.isfinite(stats["mean_l1_to_exact"]) and 0.0 <= stats["mean_l1_to_exact"] <= 2.0
+        assert stats["trained_with_it"] is (name == "authors_svm")
+    product = result["product"]
+    for run in ("streaming", "student_alone"):
+        assert "refused" not in product[run], product[run]
+        assert product[run]["samples_per_second_in_steps"] > 0
+        assert product[run]["samples_per_second_last_epoch"] > 0
+        assert product[run]["timings"]["steps"] > 0
+    assert product["streaming_over_alone"] > 0
+    assert str(tmp_path) not in json.dumps(result["paper"])  # no machine paths in the per-arm results
