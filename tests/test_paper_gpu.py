@@ -95,4 +95,4 @@ def test_tiny_mode_reports_every_arm_the_authors_solver_and_the_product_throughp
         assert product[run]["samples_per_second_last_epoch"] > 0
         assert product[run]["timings"]["steps"] > 0
     assert product["streaming_over_alone"] > 0
-    assert str(tmp_path) not in json.dumps(result["paper"])  # no machine paths in the per-arm results
+    assert str(tmp_path) not in json.dumps(result)  # no machine paths: the result may be committed
