@@ -248,7 +248,6 @@ class Options:
     product_epochs: int = 2
     worker_gpus: float = 0.5
     teacher_gpus: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def sync(device: torch.device) -> None:
