@@ -253,6 +253,11 @@ DISTILL = [  # (id, --set overrides of distill_smoke.yaml, the message or the pa
      "student.model: Unknown model 'resnet21'. Valid models: resnet8, resnet14,"),
     ("unknown-strategy", ["distill.strategy=best"],
      "distill.strategy: got 'best'; allowed: average, aekd, mgda, upgrad, authors_svm, fixed, none."),
+    ("worker-gpu-share-with-two-workers", ["workers.gpus=0.5"],
+     "workers.gpus: got 0.5; allowed: 0 or 1 with more than one worker (NCCL cannot run two ranks on one GPU); a "
+     "share in (0, 1) only with num_workers: 1, to leave the rest of the GPU to teacher actors."),
+    ("worker-gpus-above-one", ["workers.gpus=2"],
+     "workers.gpus: got 2.0; allowed: 0 (CPU), 1 (one GPU per worker), or a share in (0, 1) with num_workers: 1."),
     ("fixed-weights-missing", ["distill.strategy=fixed"],
      "distill.fixed_weights: got None; allowed: 2 numbers >= 0 that sum to 1, one per teacher in the order of "
      "teachers."),

@@ -112,6 +112,8 @@ def test_distill_preset_fills_what_the_config_leaves_out():
     assert config.train.epochs == 20 and config.train.milestones == (5,)  # the config's own keys win
     assert (config.train.schedule, config.train.lr, config.train.batch_size) == ("multistep", 0.05, 64)
     assert config.train.nesterov  # the released recipe trains with Nesterov momentum
+    shared = load_config(DistillConfig, None, [teachers, "workers.num_workers=1", "workers.gpus=0.5"])
+    assert shared.workers.gpus == 0.5 and shared.workers.use_gpu  # one worker on half a GPU, teachers on the rest
     assert (config.distill.temperature, config.distill.tolerance, config.distill.kd_weight) == (4.0, 0.6, 0.9)
     with pytest.raises(ConfigError, match="preset: got 'fast'; allowed: authors_cifar"):
         load_config(DistillConfig, None, [teachers, "preset=fast"])

@@ -225,7 +225,7 @@ class WorkersConfig:
 
     num_workers: int = 2  # Ray Train workers; 0 runs the loop in this process (Train's local mode)
     cpus: float = 1.0  # CPUs per worker
-    gpus: float = 0.0  # GPUs per worker: 0 (CPU, gloo) or 1 (one GPU per worker, NCCL)
+    gpus: float = 0.0  # GPUs per worker: 0 (CPU, gloo), 1 (one GPU each, NCCL), or a share with one worker
     max_failures: int = 0  # worker-group restarts, each resuming from the last checkpoint; -1: no limit
     custom_resources: dict[str, float] = dataclasses.field(default_factory=dict)  # other Ray resources per worker
     label_selector: dict[str, str] = dataclasses.field(default_factory=dict)  # run only on nodes with these labels
@@ -246,7 +246,19 @@ class WorkersConfig:
         check_labels(f"{prefix}.label_selector", self.label_selector)
         check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
         check(self.cpus > 0, f"{prefix}.cpus", self.cpus, "a number > 0")
-        check(self.gpus in (0, 1), f"{prefix}.gpus", self.gpus, "0 (CPU) or 1 (one GPU per worker)")
+        check(
+            0 <= self.gpus <= 1,
+            f"{prefix}.gpus",
+            self.gpus,
+            "0 (CPU), 1 (one GPU per worker), or a share in (0, 1) with num_workers: 1",
+        )
+        check(
+            self.gpus in (0, 1) or self.num_workers == 1,
+            f"{prefix}.gpus",
+            self.gpus,
+            "0 or 1 with more than one worker (NCCL cannot run two ranks on one GPU); a share in (0, 1) only with "
+            "num_workers: 1, to leave the rest of the GPU to teacher actors",
+        )
         check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= 0, or -1")
         for key in ("custom_resources", "label_selector"):
             check(

@@ -406,7 +406,7 @@ def _trainer(
     config, workers = run.config, run.config.workers
     resources: dict[str, float] = {"CPU": workers.cpus} | workers.custom_resources
     if workers.use_gpu:
-        resources["GPU"] = 1.0
+        resources["GPU"] = workers.gpus  # 1, or a share of one GPU for a single worker
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
