@@ -547,7 +547,9 @@ def product_config(opts: Options, data_section: dict[str, Any], work: Path, name
     """A distillation config (the keys of docs/configuration.md) for one product run."""
     teacher_gpus = opts.teacher_gpus
     if teacher_gpus is None:
-        teacher_gpus = 0.0 if opts.device.type != "cuda" else round((1 - opts.worker_gpus) / len(names), 4)
+        teacher_gpus = (
+            0.0 if opts.device.type != "cuda" else math.floor((1 - opts.worker_gpus) / len(names) * 1e4) / 1e4
+        )  # never over one GPU in all
     gpu = opts.device.type == "cuda"
     stage = "actors" if gpu else "auto"  # auto: tasks on CPU (starts faster than actor pools)
     preprocess = {"mean": list(CIFAR100_MEAN), "std": list(CIFAR100_STD)}
