@@ -809,6 +809,26 @@ def paired(diffs: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+def holm(summaries: dict[str, dict[str, Any]]) -> None:
+    """Add ``t_test_p_holm`` to each arm's ``diff_vs_average``: the t-test p adjusted by Holm's
+    step-down method over the setting's arms (``average`` itself and the derived ``aekd_tuned``
+    left out), so that one of a dozen comparisons coming out below 0.05 by chance is not read as a
+    finding."""
+    tested = sorted(
+        (s["diff_vs_average"]["t_test_p"], arm)
+        for arm, s in summaries.items()
+        if arm not in ("average", "aekd_tuned") and s["diff_vs_average"]["t_test_p"] is not None
+    )
+    running = 0.0
+    for rank, (p, arm) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        summaries[arm]["diff_vs_average"]["t_test_p_holm"] = running
+    if "aekd_tuned" in summaries and "tolerance" in summaries["aekd_tuned"]:
+        source = summaries.get(f"aekd_c{summaries['aekd_tuned']['tolerance']:g}", {}).get("diff_vs_average", {})
+        if "t_test_p_holm" in source:
+            summaries["aekd_tuned"]["diff_vs_average"]["t_test_p_holm"] = source["t_test_p_holm"]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -865,6 +885,7 @@ def summarize_setting(setting: Setting, seeds: Sequence[int], records: list[dict
         }
         if arm == "aekd_tuned":
             summaries[arm]["tolerance"] = tuned["tolerance"]
+    holm(summaries)
     teacher_table = []
     for i, spec in enumerate(setting.teachers):
         tests = [teacher_records[s]["test_acc"][i] for s in seeds if s in teacher_records]
@@ -986,8 +1007,8 @@ def markdown(name: str, summary: dict[str, Any]) -> str:
     tuned = summary["aekd_tuned"]
     if "tolerance" in tuned:
         lines.append(f"aekd_tuned: C = {tuned['tolerance']:g} (best mean tuning accuracy over {tuned['seeds']} seeds).")
-    columns = ["arm", "test acc", "Δ vs average [95% CI]", "t-test p", "Wilcoxon p", "+/=/−", "tuning acc",
-               "mean weights", "s/run"]  # fmt: skip
+    columns = ["arm", "test acc", "Δ vs average [95% CI]", "t-test p", "Holm p", "Wilcoxon p", "+/=/−",
+               "tuning acc", "mean weights", "s/run"]  # fmt: skip
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for arm, s in summary["arms"].items():
         d = s["diff_vs_average"]
@@ -996,7 +1017,8 @@ def markdown(name: str, summary: dict[str, Any]) -> str:
         diff = f"{d['mean']:+.4f} {ci}" if d["mean"] is not None else "–"
         lines.append(
             f"| {arm} | {_fmt(s['test_acc_mean'])} ± {_fmt(s['test_acc_std'])} | {diff} | {_p(d['t_test_p'])} | "
-            f"{_p(d['wilcoxon_p'])} | {d['better']}/{d['ties']}/{d['worse']} | {_fmt(s['tuning_acc_mean'])} | "
+            f"{_p(d.get('t_test_p_holm'))} | {_p(d['wilcoxon_p'])} | {d['better']}/{d['ties']}/{d['worse']} | "
+            f"{_fmt(s['tuning_acc_mean'])} | "
             f"{weights} | {_fmt(s['seconds_median'], 2)} |"
         )
     return "\n".join(lines) + "\n"

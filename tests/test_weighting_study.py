@@ -167,3 +167,18 @@ def test_the_stored_gradients_are_a_real_run():
         assert int(stored["total_steps"]) > stored["gradients"].shape[0] // 2
         assert stored["steps"][-1] == int(stored["total_steps"]) - 1
         assert stored["grams"].shape == (stored["gradients"].shape[0], 3, 3)
+
+
+def test_holm_adjusts_each_settings_p_values_step_down(study):
+    """Twelve comparisons per setting: the adjusted p is what a reader may hold against 0.05."""
+    arms = {name: {"diff_vs_average": {"t_test_p": p}} for name, p in
+            [("average", 1.0), ("a", 0.01), ("b", 0.04), ("c", 0.03), ("d", None)]}  # fmt: skip
+    arms["aekd_tuned"] = {"tolerance": 0.6, "diff_vs_average": {"t_test_p": 0.01}}
+    arms["aekd_c0.6"] = {"diff_vs_average": {"t_test_p": 0.01}}
+    study.holm(arms)
+    adjusted = {name: s["diff_vs_average"].get("t_test_p_holm") for name, s in arms.items()}
+    # four tested arms (a, aekd_c0.6, c, b): 4 x 0.01, 3 x 0.01 -> running max 0.04, 2 x 0.03 = 0.06, 1 x 0.04 -> 0.06
+    assert adjusted["a"] == pytest.approx(0.04) and adjusted["aekd_c0.6"] == pytest.approx(0.04)
+    assert adjusted["c"] == pytest.approx(0.06) and adjusted["b"] == pytest.approx(0.06)
+    assert adjusted["d"] is None and adjusted["average"] is None
+    assert adjusted["aekd_tuned"] == adjusted["aekd_c0.6"]  # the same runs, not a new comparison
