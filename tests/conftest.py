@@ -1,4 +1,8 @@
+import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -63,3 +67,17 @@ def teacher_overrides(teachers: dict[str, str], names=("cnn_a", "cnn_b", "mlp_c"
     """``--set`` lines that point a distillation config's teachers at ``teachers``."""
     items = ", ".join(f"{{name: {n}, checkpoint: '{teachers[n]}'}}" for n in names)
     return [f"teachers=[{items}]"]
+
+
+@contextlib.contextmanager
+def loaded_script(path: Path):
+    """A benchmark script imported as a module (named after its file) for the duration."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

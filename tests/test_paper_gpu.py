@@ -4,7 +4,6 @@ a local Ray), plus the pieces a GPU run relies on that can be checked here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import loaded_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_gpu.py"
 ARMS = ("average", "aekd", "authors_svm")
@@ -21,13 +21,8 @@ ARMS = ("average", "aekd", "authors_svm")
 
 @pytest.fixture(scope="module")
 def paper_gpu():
-    spec = importlib.util.spec_from_file_location("paper_gpu", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_script(SCRIPT) as module:
+        yield module
 
 
 def test_milestones_scale_the_authors_150_180_210_of_240(paper_gpu):

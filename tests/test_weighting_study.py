@@ -8,14 +8,13 @@ finished run, and a run that is lost is trained again to the same numbers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import loaded_script
 
 from ray_aekd.core.authors import authors_svm_weights
 from ray_aekd.core.weighting import min_norm_weights
@@ -27,13 +26,8 @@ STORED_GRADIENTS = REPO / "tests" / "data" / "authors_gradients.npz"
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("weighting_study", STUDY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_script(STUDY) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

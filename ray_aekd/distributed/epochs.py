@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ray_aekd.config import TrainConfig
 from ray_aekd.core.metrics import SUMS_LENGTH, ensemble_probabilities, validation_metrics, validation_sums
-from ray_aekd.core.step import DistillSettings, distill_step
+from ray_aekd.core.step import DistillSettings, distill_step, make_optimizer
 from ray_aekd.data.views import normalize
 
-__all__ = ["EpochTotals", "StudentBatch", "train_epoch", "train_metrics", "validate_epoch"]
+__all__ = ["EpochTotals", "StudentBatch", "train_epoch", "train_metrics", "train_optimizer", "validate_epoch"]
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -175,3 +176,13 @@ def train_metrics(
         "lr": lr,
         "train/samples_per_second": samples / seconds,
     }
+
+
+def train_optimizer(
+    model: nn.Module, train: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser and schedule that a ``train`` section asks for (teachers and students alike)."""
+    return make_optimizer(
+        model, train.lr, train.momentum, train.weight_decay, train.schedule, train.epochs, train.milestones,
+        nesterov=train.nesterov,
+    )  # fmt: skip

@@ -39,10 +39,11 @@ from torch import nn
 
 from ray_aekd._console import LOG_FILE, capture_logs, tune_verbosity
 from ray_aekd.config import TeachersConfig, TeacherSpec, flatten, from_dict, with_env_faults
-from ray_aekd.core.step import classification_epoch, evaluate, make_optimizer
+from ray_aekd.core.step import classification_epoch, evaluate
 from ray_aekd.data import augment, normalize, open_source
 from ray_aekd.data.labels import corrupt_labels
 from ray_aekd.data.sources import ImageSource, TensorSource
+from ray_aekd.distributed.epochs import train_optimizer
 from ray_aekd.distributed.faults import die, fire_once
 from ray_aekd.distributed.pipeline import view_settings
 from ray_aekd.distributed.session import connect
@@ -146,17 +147,7 @@ class _TeacherRun:
     @classmethod
     def build(cls, config: TeachersConfig, spec: TeacherSpec, source: ImageSource, device: torch.device) -> _TeacherRun:
         model = build_model(spec.model, source.num_classes, in_channels=source.input_shape[0]).to(device)
-        train = config.train
-        optimizer, scheduler = make_optimizer(
-            model,
-            train.lr,
-            train.momentum,
-            train.weight_decay,
-            train.schedule,
-            train.epochs,
-            train.milestones,
-            nesterov=train.nesterov,
-        )
+        optimizer, scheduler = train_optimizer(model, config.train)
         return cls(model, optimizer, scheduler, torch.Generator().manual_seed(spec.seed + 1), device)
 
     def state_dict(self) -> dict[str, Any]:

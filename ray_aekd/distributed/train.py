@@ -36,9 +36,16 @@ from torch import nn
 
 from ray_aekd.config import DistillConfig, from_dict
 from ray_aekd.core.losses import HintRegressors
-from ray_aekd.core.step import DistillSettings, HintStudent, make_optimizer
+from ray_aekd.core.step import DistillSettings, HintStudent
 from ray_aekd.core.weighting import NonFiniteLogitsError
-from ray_aekd.distributed.epochs import EpochTotals, StudentBatch, train_epoch, train_metrics, validate_epoch
+from ray_aekd.distributed.epochs import (
+    EpochTotals,
+    StudentBatch,
+    train_epoch,
+    train_metrics,
+    train_optimizer,
+    validate_epoch,
+)
 from ray_aekd.distributed.faults import UNREACHABLE_TRACKING_URI, die, fire_once
 from ray_aekd.distributed.pipeline import feature_column, logits_column
 from ray_aekd.models import build_model
@@ -340,17 +347,7 @@ def _restore(worker: _Worker) -> _TrainState:
     config = worker.config
     torch.manual_seed(config.seed)  # same initial student on every worker
     model = worker.session.prepare_model(_build_student(config, worker.info))
-    train = config.train
-    optimizer, scheduler = make_optimizer(
-        model,
-        train.lr,
-        train.momentum,
-        train.weight_decay,
-        train.schedule,
-        train.epochs,
-        train.milestones,
-        nesterov=train.nesterov,
-    )
+    optimizer, scheduler = train_optimizer(model, config.train)
     num = len(config.teachers)
     state = _TrainState(model, optimizer, scheduler, cosine_sum=torch.zeros(num, num, dtype=torch.float64))
     saved = _resume_state(worker.session.checkpoint(), worker.train_dir, worker.local)
