@@ -191,7 +191,7 @@ def test_old_keys_load_for_one_release_with_a_warning_naming_the_new_key(tmp_pat
     assert (config.workers.gpus, config.teachers[1].cpus, config.teachers[0].cpus) == (0.0, 0.25, 2.0)
     with pytest.raises(ConfigError, match=r"workers.use_gpu: got 'maybe'; allowed: true or false"):
         load_config(DistillConfig, new, ["workers.use_gpu=maybe"])
-    with pytest.raises(ConfigError, match=r"workers.gpus: got 2.0; allowed: 0 \(CPU\) or 1"):
+    with pytest.raises(ConfigError, match=r"workers.gpus: got 2.0; allowed: 0 \(CPU\), 1 \(one GPU per worker\)"):
         load_config(DistillConfig, new, ["workers.gpus=2"])
 
 
