@@ -237,24 +237,22 @@ def test_a_run_saved_before_a_config_key_existed_resumes_and_a_changed_split_doe
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("workers", "extra", "check"),
+    ("extra", "check"),
     [
-        (0, ["distill.strategy=fixed", "distill.fixed_weights=[0.6, 0.4, 0.0]"], lambda w: w == [0.6, 0.4, 0.0]),
-        (2, ["distill.strategy=authors_svm", "distill.tolerance=0.6"], lambda w: max(w) <= 0.6 + 1e-6),
-        (0, ["distill.strategy=upgrad"], lambda w: min(w) >= 0 and sum(w) >= 1 - 1e-6),
+        (["distill.strategy=fixed", "distill.fixed_weights=[0.6, 0.4, 0.0]"], lambda w: w == [0.6, 0.4, 0.0]),
+        (["distill.strategy=authors_svm", "distill.tolerance=0.6"], lambda w: max(w) <= 0.6 + 1e-6),
+        (["distill.strategy=upgrad"], lambda w: min(w) >= 0 and sum(w) >= 1 - 1e-6),
     ],
     ids=["fixed", "authors_svm", "upgrad"],
 )
-def test_the_study_baselines_run_through_the_product(
-    local_ray, digits_teachers, tmp_path, monkeypatch, workers, extra, check
-):
+def test_the_study_baselines_run_through_the_product(local_ray, digits_teachers, tmp_path, monkeypatch, extra, check):
     """Every strategy of the weighting study is one a config can name: the run's logged weights
-    are the strategy's (the authors' host-side solve alike on both workers)."""
+    are the strategy's. (In local mode, to keep the suite short: the weights come from the
+    all-reduced Gram, so workers agree for every strategy as the two-worker AE-KD test shows.)"""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    overrides = ["train.epochs=1", f"workers.num_workers={workers}", *extra]
+    overrides = ["train.epochs=1", "workers.num_workers=0", *extra]
     result = distill(smoke_config(digits_teachers, tmp_path, *overrides), log=lambda line: None)
-    ranks = [(Path(result.run_dir) / "alpha" / f"rank{r}.csv").read_text() for r in range(max(1, workers))]
-    assert all(rank == ranks[0] for rank in ranks)
-    rows = [list(map(float, line.split(","))) for line in ranks[0].splitlines()[1:]]
+    rank0 = (Path(result.run_dir) / "alpha" / "rank0.csv").read_text()
+    rows = [list(map(float, line.split(","))) for line in rank0.splitlines()[1:]]
     assert rows and all(check([round(w, 6) for w in row[2:]]) for row in rows), rows[:3]
     assert 0.0 < result.metrics["val/acc1"] <= 1.0
