@@ -89,8 +89,8 @@ def _projections(gram: torch.Tensor) -> torch.Tensor:
     solution, info = torch.linalg.solve_ex(system.unsqueeze(0), rhs.unsqueeze(-1))
     w = solution[..., 0]  # [M(i), P, M]
     feasible = (info == 0) & torch.isfinite(w).all(-1) & (w >= bounds - _SLACK).all(-1)
-    objective = torch.einsum("ipm,mn,ipn->ip", torch.where(feasible.unsqueeze(-1), w, 0.0), gram, w.nan_to_num())
-    objective = torch.where(feasible, objective, torch.inf)
+    usable = torch.where(feasible.unsqueeze(-1), w, 0.0)  # no NaN of a singular pattern in the sum
+    objective = torch.where(feasible, torch.einsum("ipm,mn,ipn->ip", usable, gram, usable), torch.inf)
     best = objective.argmin(-1)  # [M(i)]
     chosen = w[torch.arange(num, device=gram.device), best]
     return torch.maximum(chosen, eye)  # within the slack of the bound: on it
