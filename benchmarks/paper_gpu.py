@@ -53,6 +53,8 @@ from torch import nn
 from ray_aekd.core.authors import authors_svm_weights
 from ray_aekd.core.step import DistillSettings, classification_epoch, distill_step, evaluate, make_optimizer
 from ray_aekd.core.weighting import min_norm_weights
+from ray_aekd.data import DataSourceError, augment, normalize
+from ray_aekd.data.sources import cifar_source
 
 
 #: The released setting (AnTuo1998/AE-KD: train_student.py, train_student.sh, setting.py,
@@ -104,23 +106,19 @@ class DeviceData:
 
 
 def load_cifar100(root: Path, device: torch.device) -> DeviceData:
-    """CIFAR-100 from torchvision's extracted ``root/cifar-100-python/`` folder; never downloads."""
-    folder = root / "cifar-100-python"
-    if not (folder / "train").is_file() or not (folder / "test").is_file():
+    """CIFAR-100 from torchvision's extracted ``root/cifar-100-python/`` folder (the product's
+    ``cifar_source``), held on ``device``; never downloads."""
+    try:
+        train, test = (cifar_source("cifar100", root, train=flag) for flag in (True, False))
+    except DataSourceError as error:
         raise SystemExit(
-            f"--data-root: no CIFAR-100 under {str(root)!r} (expected {str(folder)!r} with the files 'train' and "
-            "'test', as torchvision extracts https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz); this "
-            "script never downloads: pass --data-root pointing at the folder that holds cifar-100-python/."
-        )
-    import torchvision
-
-    splits = []
-    for train in (True, False):
-        dataset = torchvision.datasets.CIFAR100(str(root), train=train, download=False)
-        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-        splits.append((images.to(device), torch.tensor(dataset.targets, dtype=torch.int64, device=device)))
-    (train_x, train_y), (test_x, test_y) = splits
-    return DeviceData(train_x, train_y, test_x, test_y, 100, CIFAR100_MEAN, CIFAR100_STD, "cifar100")
+            f"--data-root: {error} This script never downloads: pass --data-root pointing at the folder that "
+            "holds cifar-100-python/."
+        ) from None
+    return DeviceData(
+        train.images.to(device), train.labels.to(device), test.images.to(device), test.labels.to(device),
+        100, train.mean, train.std, "cifar100",
+    )  # fmt: skip
 
 
 def synthetic_data(num_classes: int, n_train: int, n_test: int, seed: int = 0) -> DeviceData:
@@ -138,27 +136,9 @@ def synthetic_data(num_classes: int, n_train: int, n_test: int, seed: int = 0) -
     return DeviceData(train_x, train_y, test_x, test_y, num_classes, CIFAR100_MEAN, CIFAR100_STD, "synthetic")
 
 
-def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop of the 4-pixel zero-padded image and a horizontal flip with p = 0.5, on the
-    images' device. ``images``: uint8 ``[B, C, H, W]`` -> uint8 ``[B, C, H, W]``."""
-    b, _, h, w = images.shape
-    padded = nn.functional.pad(images, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (b,), generator=gen).to(images.device)
-    dx = torch.randint(0, 9, (b,), generator=gen).to(images.device)
-    flip = (torch.rand(b, generator=gen) < 0.5).to(images.device)
-    rows = dy[:, None] + torch.arange(h, device=images.device)  # [B, H]
-    cols = dx[:, None] + torch.arange(w, device=images.device)  # [B, W]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=images.device)[:, None, None]
-    crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    return crops.permute(0, 3, 1, 2)
-
-
 def to_input(images: torch.Tensor, data: DeviceData, channels_last: bool) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> normalised float32 ``[B, C, H, W]``."""
-    mean = torch.tensor(data.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=images.device).view(1, -1, 1, 1)
-    x = (images.float() / 255 - mean) / std
+    """uint8 ``[B, C, H, W]`` -> normalised float32 ``[B, C, H, W]`` (the product's ``normalize``)."""
+    x = normalize(images, data.mean, data.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -261,9 +241,13 @@ def sync(device: torch.device) -> None:
 def teacher_batches(
     data: DeviceData, opts: Options, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled, augmented batches ``(x [B, 3, 32, 32] float32, y [B])`` of one epoch: the product's
+    padded crop and flip (``ray_aekd.data.augment``), keyed by a view number drawn from ``gen``."""
     for idx in batch_indices(len(data.train_y), opts.batch_size, gen, opts.max_steps):
-        idx = idx.to(data.train_x.device)
-        yield to_input(augment(data.train_x[idx], gen), data, opts.fast), data.train_y[idx]
+        view = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+        on_device = idx.to(data.train_x.device)
+        images = augment(data.train_x[on_device], idx, seed=0, view=view)
+        yield to_input(images, data, opts.fast), data.train_y[on_device]
 
 
 def measure_steps(data: DeviceData, opts: Options) -> dict[str, float]:

@@ -29,18 +29,6 @@ def test_milestones_scale_the_authors_150_180_210_of_240(paper_gpu):
     assert paper_gpu.scaled_milestones(1) == (1,)
 
 
-def test_augment_is_a_padded_crop_and_a_flip_of_each_image(paper_gpu):
-    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(251).add(1).to(torch.uint8)
-    images = images.view(2, 3, 32, 32)
-    out = paper_gpu.augment(images, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape and out.dtype == torch.uint8
-    for i in range(2):  # every kept pixel comes from the same image (padding adds zeros only)
-        kept = out[i][out[i] > 0]
-        assert set(kept.tolist()) <= set(images[i].flatten().tolist())
-    unshifted = paper_gpu.augment(images, torch.Generator().manual_seed(0))
-    assert torch.equal(out, unshifted)  # the generator decides the crop and flip
-
-
 def test_cifar_resnets_keep_32x32_resolution_in_the_stem(paper_gpu):
     model = paper_gpu.cifar_torchvision("resnet18", 100)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
